@@ -1,0 +1,146 @@
+"""Transformer building blocks of DeiT, named after timm's modules so checkpoints map by table.
+
+Numerics follow the reference weights (DeiT paper §3, timm `vision_transformer.py`): pre-norm
+blocks, LayerNorm eps 1e-6, fused `qkv` projection with bias in `[q | k | v]` head-major order,
+attention scale `head_dim ** -0.5`, exact (erf) GELU. Parameters are float32; `dtype` is the
+compute dtype. Softmax statistics are always float32 so bf16 attention stays finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+LN_EPS = 1e-6
+
+# timm's `trunc_normal_(std=.02)` for every Linear; conv keeps a fan-in init as in big_vision.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def layer_norm(name: str, dtype: jnp.dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, name: str, dtype: jnp.dtype) -> nn.Dense:
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=jnp.float32, kernel_init=dense_init, name=name
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping P×P patches projected to D: `(B, H, W, C)` -> `(B, H/P * W/P, D)`."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="proj",
+        )(x)
+        b, gh, gw, d = x.shape
+        return x.reshape(b, gh * gw, d)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused `qkv` Dense: `(B, T, D)` -> `(B, T, D)`.
+
+    With `capture=True` the attention probabilities `(B, heads, T, T)` are sown into the
+    `intermediates` collection under `attn`.
+    """
+
+    num_heads: int
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        b, t, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = dense(3 * d, "qkv", self.dtype)(x)
+        # timm's row order: [q | k | v], each split head-major.
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        if self.capture:
+            self.sow("intermediates", "attn", probs)
+        probs = nn.Dropout(self.attn_drop)(probs, deterministic=not train)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, d)
+        out = dense(d, "proj", self.dtype)(out)
+        return nn.Dropout(self.proj_drop)(out, deterministic=not train)
+
+
+class Mlp(nn.Module):
+    """`fc1` -> exact GELU -> `fc2`: `(B, T, D)` -> `(B, T, D)`."""
+
+    hidden_dim: int
+    drop: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        d = x.shape[-1]
+        # Flax's gelu defaults to the tanh approximation; the reference uses erf.
+        x = nn.gelu(dense(self.hidden_dim, "fc1", self.dtype)(x), approximate=False)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        x = dense(d, "fc2", self.dtype)(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch per sample with probability `rate` in training."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+
+    num_heads: int
+    mlp_dim: int
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        branch: Callable[[jax.Array], jax.Array] = lambda y: DropPath(self.drop_path)(
+            y, train=train
+        )
+        y = Attention(
+            self.num_heads, self.attn_drop, self.drop, self.dtype, self.capture, name="attn"
+        )(layer_norm("norm1", self.dtype)(x), train=train)
+        x = x + branch(y)
+        y = Mlp(self.mlp_dim, self.drop, self.dtype, name="mlp")(
+            layer_norm("norm2", self.dtype)(x), train=train
+        )
+        x = x + branch(y)
+        if self.capture:
+            self.sow("intermediates", "tokens", x)
+        return x

@@ -1,0 +1,285 @@
+"""The DeiT model (Touvron et al., 2021, "Training data-efficient image transformers & distillation
+through attention", §4): a ViT with a class token and a distillation token, two heads.
+
+Sequence `[cls, dist, patches]`, learned position embedding over all `N + 2` tokens, a shared
+encoder, a final LayerNorm, `cls_head` on token 0 and `dist_head` on token 1. At inference the
+two heads' logits are averaged (paper §4, "Classification with our approach"). Parameter names
+mirror timm's state-dict keys so conversion is a table (see `convert.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import struct
+
+from deit.layers import Block, PatchEmbed, dense, layer_norm
+from deit.variants import get_spec, resolve_name
+
+
+@struct.dataclass
+class DeiTOutput:
+    """Logits of the two heads: `cls_logits (B, K)`, `dist_logits (B, K)` or None (plain DeiT).
+
+    Without a batch axis when the model was called on a single `(H, W, C)` image.
+    """
+
+    cls_logits: jax.Array
+    dist_logits: jax.Array | None = None
+
+    @property
+    def logits(self) -> jax.Array:
+        """The paper's inference rule: the mean of the two heads (the class head alone if plain)."""
+        if self.dist_logits is None:
+            return self.cls_logits
+        return (self.cls_logits + self.dist_logits) / 2
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class DeiT(nn.Module):
+    """DeiT on channels-last images: `(B, H, W, C)` or `(H, W, C)` float, already normalised.
+
+    `distilled=False` is the plain DeiT (class token and one head). `with_dist_head=False` keeps
+    the distillation token but only the class head (Hugging Face's `DeiTForImageClassification`).
+    `num_classes=0` drops the heads: the outputs are then the final-norm token features `(B, D)`.
+    """
+
+    num_classes: int = 1000
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_dim: int = 768
+    distilled: bool = True
+    with_dist_head: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    capture: bool = False
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        super().__post_init__()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = _pair(self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> DeiTOutput:
+        single = self._check_input(images)
+        x = images[None] if single else images
+        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(
+            x.astype(self.dtype)
+        )
+        b, n, d = x.shape
+        prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))]
+        if self.distilled:
+            prefix.append(
+                self.param("dist_token", nn.initializers.truncated_normal(0.02), (1, 1, d))
+            )
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.truncated_normal(0.02), (1, n + len(prefix), d)
+        )
+        tokens = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
+        x = jnp.concatenate([*tokens, x], axis=1) + pos_embed.astype(x.dtype)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        # Stochastic depth grows linearly with depth (paper Table 9, timm's `dpr`).
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        for i in range(self.depth):
+            x = Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.drop_rate,
+                self.attn_drop_rate,
+                float(rates[i]),
+                self.dtype,
+                self.capture,
+                name=f"blocks_{i}",
+            )(x, train=train)
+        x = layer_norm("norm", self.dtype)(x)
+        cls_out, dist_out = x[:, 0], x[:, 1] if self.distilled else None
+        if self.num_classes > 0:
+            cls_out = dense(self.num_classes, "cls_head", self.dtype)(cls_out)
+            if dist_out is not None and self.with_dist_head:
+                dist_out = dense(self.num_classes, "dist_head", self.dtype)(dist_out)
+            elif dist_out is not None:
+                dist_out = None
+        cls_out = cls_out.astype(jnp.float32)
+        dist_out = None if dist_out is None else dist_out.astype(jnp.float32)
+        if single:
+            cls_out = cls_out[0]
+            dist_out = None if dist_out is None else dist_out[0]
+        return DeiTOutput(cls_out, dist_out)
+
+    def _check_input(self, images: jax.Array) -> bool:
+        if images.ndim not in (3, 4):
+            raise ValueError(
+                f"images have shape {tuple(images.shape)}; expected (B, H, W, C) or (H, W, C)"
+            )
+        h, w, c = images.shape[-3:]
+        if c != self.in_chans:
+            raise ValueError(
+                f"images have {c} channels but the model expects {self.in_chans} (channels last)"
+            )
+        if (h, w) != _pair(self.img_size):
+            eh, ew = _pair(self.img_size)
+            raise ValueError(
+                f"image is {h}x{w} but the model was built for {eh}x{ew}; create it with "
+                f"img_size=({h}, {w}) (and resample_pos_embed for loaded weights)"
+            )
+        return images.ndim == 3
+
+
+def check_config(model: DeiT) -> None:
+    """Raise ValueError naming the bad value for an impossible architecture."""
+    h, w = _pair(model.img_size)
+    p = model.patch_size
+    if p <= 0 or h % p or w % p:
+        raise ValueError(
+            f"image side {h}x{w} is not divisible by patch_size {p}; expected multiples of {p}"
+        )
+    if model.num_heads <= 0 or model.embed_dim % model.num_heads:
+        raise ValueError(
+            f"d_model {model.embed_dim} is not divisible by num_heads {model.num_heads}"
+        )
+    if model.depth < 0 or model.mlp_dim <= 0 or model.num_classes < 0 or model.in_chans <= 0:
+        raise ValueError(
+            f"depth {model.depth}, mlp_dim {model.mlp_dim}, num_classes {model.num_classes}, "
+            f"in_chans {model.in_chans}: expected non-negative depth/classes, positive others"
+        )
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if not 0.0 <= getattr(model, name) < 1.0:
+            raise ValueError(f"{name} {getattr(model, name)} is outside [0, 1)")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
+
+
+def create_model(name: str, **overrides: Any) -> DeiT:
+    """A registered variant (`deit_tiny_distilled_patch16_224`, ..., or an alias) as a `DeiT`.
+
+    Overrides are `DeiT` fields: `num_classes`, `img_size`, `drop_path_rate`, `dtype`, ...
+    """
+    spec = get_spec(name)
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown override(s) {unknown} for {resolve_name(name)}; expected {sorted(_FIELDS)}"
+        )
+    kwargs = dict(
+        num_classes=spec.num_classes,
+        img_size=spec.img_size,
+        patch_size=spec.patch_size,
+        in_chans=spec.in_chans,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_dim=spec.mlp_dim,
+        distilled=spec.distilled,
+    )
+    kwargs.update(overrides)
+    return DeiT(**kwargs)
+
+
+def init_params(model: DeiT, seed: int | jax.Array = 0) -> dict:
+    """Float32 parameters of `model` initialised from `seed` (an int or a PRNG key)."""
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    h, w = _pair(model.img_size)
+    dummy = jnp.zeros((1, h, w, model.in_chans), jnp.float32)
+    return jax.jit(model.init)(key, dummy)["params"]
+
+
+def param_count(params: Any) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_image(model: DeiT) -> int:
+    """Forward FLOPs (2 per multiply-add) of one image: patch embedding, blocks and heads."""
+    gh, gw = model.grid
+    n, d, m = gh * gw, model.embed_dim, model.mlp_dim
+    t = n + model.num_prefix_tokens
+    patch = 2 * n * d * model.in_chans * model.patch_size**2
+    block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * m
+    heads = model.num_prefix_tokens if model.distilled and model.with_dist_head else 1
+    return patch + model.depth * block + heads * 2 * d * model.num_classes
+
+
+def resample_pos_embed(
+    pos_embed: jax.Array | np.ndarray,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+) -> jax.Array:
+    """Resize `(1, prefix + gh*gw, D)` to `new_grid`, bicubic on the patch grid only.
+
+    The prefix tokens (cls, dist) are kept as they are. Antialiased bicubic, which equals timm's
+    `resample_abs_pos_embed` (max |Δ| ~1e-6 measured against it). `old_grid` defaults to square.
+    """
+    pos_embed = jnp.asarray(pos_embed)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, d = grid.shape[1], grid.shape[2]
+    if old_grid is None:
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} patch positions; pass old_grid, it is not square")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"old_grid {old_grid} does not hold the {n} patch positions of pos_embed")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    grid = grid.reshape(1, *old_grid, d).astype(jnp.float32)
+    grid = jax.image.resize(grid, (1, *new_grid, d), method="bicubic", antialias=True)
+    return jnp.concatenate([prefix, grid.reshape(1, -1, d).astype(prefix.dtype)], axis=1)
+
+
+def deit_forward(
+    seed: int,
+    image: jax.Array,
+    patch_size: int,
+    d_model: int,
+    num_heads: int,
+    d_ff: int,
+    num_layers: int,
+    num_classes: int,
+) -> jax.Array:
+    """The spec function: one `(H, W, C)` image through a distilled DeiT initialised from `seed`.
+
+    Returns `concat([cls_logits, dist_logits])` of shape `(2 * num_classes,)`.
+    """
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim != 3:
+        raise ValueError(f"image has shape {tuple(image.shape)}; expected one (H, W, C) image")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes {num_classes}; expected a positive class count")
+    h, w, c = image.shape
+    model = DeiT(
+        num_classes=num_classes,
+        img_size=(h, w),
+        patch_size=patch_size,
+        in_chans=c,
+        embed_dim=d_model,
+        depth=num_layers,
+        num_heads=num_heads,
+        mlp_dim=d_ff,
+        distilled=True,
+    )
+    params = model.init(jax.random.PRNGKey(seed), image)
+    out = model.apply(params, image)
+    return jnp.concatenate([out.cls_logits, out.dist_logits], axis=0)

@@ -1,0 +1,199 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deit
+from deit.model import DeiT, resample_pos_embed
+from deit.variants import REFERENCE_NAMES
+
+# Reference parameter counts (timm `deit_*` models at 224; the 384 ones from the same layout).
+COUNTS = {
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_patch16_224": 86_567_656,
+    "deit_base_distilled_patch16_224": 87_338_192,
+    "deit_base_patch16_384": 86_859_496,
+    "deit_base_distilled_patch16_384": 87_630_032,
+}
+
+
+def shapes(model: DeiT) -> dict:
+    h, w = model.img_size if isinstance(model.img_size, tuple) else (model.img_size,) * 2
+    x = jax.ShapeDtypeStruct((1, h, w, model.in_chans), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+
+
+def test_spec_worked_example():
+    image = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 3))
+    out = deit.deit_forward(
+        0, image, patch_size=2, d_model=8, num_heads=2, d_ff=16, num_layers=2, num_classes=4
+    )
+    assert out.shape == (8,)
+    assert np.all(np.isfinite(out))
+    # Same seed, same numbers; another seed, other parameters.
+    again = deit.deit_forward(0, image, 2, 8, 2, 16, 2, 4)
+    np.testing.assert_array_equal(out, again)
+    assert not np.allclose(out, deit.deit_forward(1, image, 2, 8, 2, 16, 2, 4))
+    # The two halves are the class head then the distillation head of the same model.
+    model = DeiT(
+        num_classes=4, img_size=4, patch_size=2, embed_dim=8, depth=2, num_heads=2, mlp_dim=16
+    )
+    variables = model.init(jax.random.PRNGKey(0), image)
+    ref = model.apply(variables, image)
+    np.testing.assert_allclose(out[:4], ref.cls_logits, rtol=1e-6)
+    np.testing.assert_allclose(out[4:], ref.dist_logits, rtol=1e-6)
+    assert variables["params"]["pos_embed"].shape == (1, 6, 8)  # 4 patches + cls + dist
+
+
+@pytest.mark.parametrize("name", REFERENCE_NAMES)
+def test_reference_parameter_counts(name):
+    assert deit.param_count(shapes(deit.create_model(name))) == COUNTS[name]
+
+
+def test_registry_names_and_aliases():
+    names = deit.list_models()
+    for name in COUNTS:
+        assert name in names
+    assert deit.create_model("tiny-distilled").embed_dim == 192
+    with pytest.raises(ValueError, match="unknown model 'deit_huge'"):
+        deit.create_model("deit_huge")
+    with pytest.raises(ValueError, match="unknown override"):
+        deit.create_model("deit_test_patch4_32", colour="red")
+
+
+def test_flops_match_the_published_figure():
+    # DeiT-Ti forward: 1.26 GMACs = 2.52 GFLOP per image (timm's model table, the issue's figure).
+    assert deit.flops_per_image(
+        deit.create_model("deit_tiny_distilled_patch16_224")
+    ) == pytest.approx(2.52e9, rel=2e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = deit.create_model("deit_test_distilled_patch4_32")
+    return model, deit.init_params(model, 0)
+
+
+def test_single_and_batched_shapes(tiny):
+    model, params = tiny
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+    out = model.apply({"params": params}, x)
+    assert out.cls_logits.shape == out.dist_logits.shape == out.logits.shape == (3, 10)
+    single = model.apply({"params": params}, x[1])
+    assert single.cls_logits.shape == (10,)
+    np.testing.assert_allclose(single.cls_logits, out.cls_logits[1], atol=1e-5)
+    np.testing.assert_allclose(out.logits, (out.cls_logits + out.dist_logits) / 2, rtol=1e-6)
+
+
+def test_heads_are_separate_and_differ(tiny):
+    model, params = tiny
+    assert set(params) >= {"cls_token", "dist_token", "pos_embed", "cls_head", "dist_head", "norm"}
+    assert not np.allclose(params["cls_head"]["kernel"], params["dist_head"]["kernel"])
+    out = model.apply({"params": params}, jnp.ones((2, 32, 32, 3)))
+    assert not np.allclose(out.cls_logits, out.dist_logits)
+
+
+def test_token_order_cls_then_dist(tiny):
+    """Token 0 feeds cls_head and token 1 feeds dist_head: swapping the tokens swaps the heads'
+    inputs, which we check through features (num_classes=0)."""
+    model, params = tiny
+    feats = model.clone(num_classes=0)
+    body = {k: v for k, v in params.items() if k not in ("cls_head", "dist_head")}
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+    f = feats.apply({"params": body}, x)
+    out = model.apply({"params": params}, x)
+    head = params["cls_head"]
+    np.testing.assert_allclose(
+        f.cls_logits @ head["kernel"] + head["bias"], out.cls_logits, atol=1e-5
+    )
+    head = params["dist_head"]
+    np.testing.assert_allclose(
+        f.dist_logits @ head["kernel"] + head["bias"], out.dist_logits, atol=1e-5
+    )
+    # pos_embed covers the two prefix tokens and the 8x8 grid.
+    assert params["pos_embed"].shape == (1, 2 + 64, 32)
+
+
+def test_plain_deit_has_one_head():
+    model = deit.create_model("deit_test_patch4_32")
+    params = deit.init_params(model)
+    assert "dist_token" not in params and "dist_head" not in params
+    assert params["pos_embed"].shape == (1, 1 + 64, 32)
+    out = model.apply({"params": params}, jnp.zeros((32, 32, 3)))
+    assert out.dist_logits is None
+    np.testing.assert_array_equal(out.logits, out.cls_logits)
+
+
+def test_train_mode_uses_dropout_rngs(tiny):
+    model, params = tiny
+    model = model.clone(drop_path_rate=0.5, drop_rate=0.1)
+    x = jnp.ones((4, 32, 32, 3))
+    a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(a.cls_logits, b.cls_logits)
+    e1, e2 = model.apply({"params": params}, x), model.apply({"params": params}, x)
+    np.testing.assert_array_equal(e1.cls_logits, e2.cls_logits)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny):
+    model, params = tiny
+    bf = model.clone(dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(deit.init_params(bf)))
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))
+    lo = bf.apply({"params": params}, x)
+    hi = model.apply({"params": params}, x)
+    assert lo.cls_logits.dtype == jnp.float32
+    # bf16 has 8 mantissa bits; logits of this tiny model are O(0.1).
+    np.testing.assert_allclose(lo.logits, hi.logits, atol=5e-2)
+
+
+def test_resample_pos_embed_keeps_prefix_tokens():
+    pe = jax.random.normal(jax.random.PRNGKey(0), (1, 2 + 16, 8))
+    out = resample_pos_embed(pe, (6, 6), num_prefix_tokens=2)
+    assert out.shape == (1, 2 + 36, 8)
+    np.testing.assert_array_equal(out[:, :2], pe[:, :2])
+    # A constant grid stays constant under the (normalised) bicubic kernel.
+    flat = jnp.concatenate([pe[:, :2], jnp.ones((1, 16, 8))], axis=1)
+    np.testing.assert_allclose(resample_pos_embed(flat, (6, 6), 2)[:, 2:], 1.0, atol=1e-5)
+    assert resample_pos_embed(pe, (4, 4), 2) is not None
+    with pytest.raises(ValueError, match="not square"):
+        resample_pos_embed(pe[:, :-1], (6, 6), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(img_size=30, patch_size=4), "not divisible by patch_size 4"),
+        (dict(embed_dim=30, num_heads=4), "d_model 30 is not divisible by num_heads 4"),
+        (dict(drop_path_rate=1.5), "drop_path_rate 1.5"),
+    ],
+)
+def test_bad_architecture_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeiT(
+            **{
+                "num_classes": 4,
+                "embed_dim": 32,
+                "num_heads": 2,
+                "depth": 1,
+                "mlp_dim": 8,
+                **kwargs,
+            }
+        )
+
+
+def test_bad_input_raises_value_error(tiny):
+    model, params = tiny
+    with pytest.raises(ValueError, match=r"expected \(B, H, W, C\)"):
+        model.apply({"params": params}, jnp.zeros((32, 32)))
+    with pytest.raises(ValueError, match="1 channels but the model expects 3"):
+        model.apply({"params": params}, jnp.zeros((2, 32, 32, 1)))
+    with pytest.raises(ValueError, match="image is 48x48 but the model was built for 32x32"):
+        model.apply({"params": params}, jnp.zeros((48, 48, 3)))
+    with pytest.raises(ValueError, match="not divisible by patch_size 2"):
+        deit.deit_forward(0, jnp.zeros((5, 4, 3)), 2, 8, 2, 16, 1, 4)
+    with pytest.raises(ValueError, match="one \\(H, W, C\\) image"):
+        deit.deit_forward(0, jnp.zeros((1, 4, 4, 3)), 2, 8, 2, 16, 1, 4)
