@@ -83,7 +83,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def save_model(directory: str | os.PathLike, model: Any, variables: dict, **extra: Any) -> Path:
-    """Write `variables` (`{"params": ..., "batch_stats": ...}`) and the model's config, atomically."""
+    """Write `variables` (`{"params": ..., "batch_stats": ...}`) and the config, atomically."""
     out = Path(directory).absolute()
     out.mkdir(parents=True, exist_ok=True)
     flat = flatten(dict(variables))

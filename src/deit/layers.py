@@ -102,7 +102,7 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the residual branch per sample with probability `rate` in training."""
+    """Stochastic depth: drops the residual branch per sample with probability `rate`."""
 
     rate: float
 

@@ -236,7 +236,7 @@ def resample_pos_embed(
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     n, d = grid.shape[1], grid.shape[2]
     if old_grid is None:
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         if side * side != n:
             raise ValueError(f"pos_embed has {n} patch positions; pass old_grid, it is not square")
         old_grid = (side, side)
