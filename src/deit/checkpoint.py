@@ -1,0 +1,67 @@
+"""Train-state checkpoints with Orbax: atomic (written to a temporary folder, then renamed),
+keep-last-N, restored onto whatever devices and shardings the resuming run has.
+
+The data pipeline has no state of its own to save: batches derive from `(seed, epoch, position)`,
+so the step number in the train state is the iterator position (see `data.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    """`OUTPUT/checkpoints/<step>/{state,meta}`; every process calls `save` (a collective)."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3) -> None:
+        self.directory = Path(directory).absolute()  # Orbax requires absolute paths
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, wait: bool = False) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """The state at `step` (default latest) laid out like `abstract_state`
+        (`jax.ShapeDtypeStruct`s with shardings), and its metadata."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoint in {self.directory} to resume from")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, dict(restored.meta)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+    """Shape, dtype and sharding of every array of `state`, for `Checkpoints.restore`."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )

@@ -1,0 +1,209 @@
+"""The `deit` command: parses flags into configs and calls the library, nothing else.
+
+Errors in what the user gave (a bad flag value, file or folder) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (and distil) a DeiT; no flags: the built-in data set")
+    p.add_argument("--recipe", default=None, help="digits (default without --data) or imagenet")
+    p.add_argument("--data", default=None, help="image folder with train/<class>/ and val/<class>/")
+    p.add_argument("--model", default=None, help="a registered variant (see deit info)")
+    p.add_argument("--teacher", default=None, help="exported model folder, or a ResNet name")
+    p.add_argument("--distillation", choices=("none", "soft", "hard"), default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--soft-reduction", choices=("numel", "batchmean"), default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch over all devices")
+    p.add_argument("--lr", type=float, default=None, help="absolute peak lr (default: scaled)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--output", default=None)
+    p.add_argument("--workers", type=int, default=None, help="grain worker processes")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--bad-images", choices=("error", "skip"), default=None)
+    p.add_argument("--fsdp", action="store_true", help="shard parameters over the devices")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def train_config(args: argparse.Namespace):  # -> TrainConfig
+    from deit import configs
+
+    cfg = configs.recipe(args.recipe or ("imagenet" if args.data else "digits"))
+    data = {"dataset": args.data, "img_size": args.img_size, "workers": args.workers}
+    data["bad_images"] = args.bad_images
+    data = {k: v for k, v in data.items() if v is not None}
+    top = {
+        "model": args.model,
+        "teacher": args.teacher,
+        "distillation": args.distillation,
+        "alpha": args.alpha,
+        "tau": args.tau,
+        "soft_reduction": args.soft_reduction,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "output": args.output,
+        "dtype": args.dtype,
+    }
+    top = {k: v for k, v in top.items() if v is not None}
+    if args.fsdp:
+        top["fsdp"] = True
+    if data:
+        top["data"] = dataclasses.replace(cfg.data, **data)
+    if args.lr is not None:
+        top["optim"] = dataclasses.replace(cfg.optim, lr=args.lr)
+    if args.teacher_epochs is not None:
+        t = cfg.teacher_cfg
+        top["teacher_cfg"] = dataclasses.replace(
+            t,
+            epochs=args.teacher_epochs,
+            optim=dataclasses.replace(t.optim, epochs=args.teacher_epochs),
+        )
+    if args.epochs is not None and args.epochs < cfg.optim.warmup_epochs:
+        top["optim"] = dataclasses.replace(top.get("optim", cfg.optim), warmup_epochs=0)
+    return dataclasses.replace(cfg, **top)
+
+
+def _table(summary: dict) -> str:
+    rows = []
+    if "teacher" in summary:
+        rows.append(("teacher", summary["teacher"]))
+    val = summary["val"]
+    for head, name in (
+        ("cls", "class head"),
+        ("dist", "distillation head"),
+        ("avg", "averaged heads"),
+    ):
+        if head in val and not (head == "avg" and "dist" not in val):
+            rows.append((name, val[head]))
+    if "val_ema" in summary:
+        rows.append(("averaged heads (EMA)", summary["val_ema"]["avg"]))
+    lines = [f"{'':24} {'top-1':>7} {'top-5':>7}"]
+    lines += [f"{name:24} {m['top1']:7.2f} {m['top5']:7.2f}" for name, m in rows]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from deit import parallel
+
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    from deit.run import train_and_evaluate
+
+    cfg = train_config(args)
+    summary = train_and_evaluate(cfg, resume=args.resume)
+    import jax
+
+    if jax.process_index() == 0:
+        print(_table(summary))
+        print(f"results: {Path(cfg.output).absolute() / 'results.json'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from deit.run import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers)
+    print(_table({"val": results}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from deit.run import predict
+
+    for path, top in zip(args.images, predict(args.checkpoint, args.images, args.top), strict=True):
+        print(path)
+        for name, p in top:
+            print(f"  {p:7.2%}  {name}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from deit.convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src,
+        args.model,
+        args.out,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        drop_heads=args.drop_heads,
+        to=args.to,
+    )
+    print(f"wrote {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import deit
+
+    print(f"{'model':36} {'params':>12} {'GFLOP/img':>10}")
+    for name in deit.list_models():
+        model = deit.create_model(name)
+        x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+        count = deit.param_count(params)
+        print(f"{name:36} {count:>12,} {deit.flops_per_image(model) / 1e9:10.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("eval", help="per-head top-1/top-5 of an exported model")
+    p.add_argument("--checkpoint", required=True, help="run folder or exported model folder")
+    p.add_argument("--data", default="digits", help="image folder (uses val/) or digits")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p = sub.add_parser("predict", help="top-5 classes of image files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("images", nargs="+")
+    p = sub.add_parser("convert", help="timm/official/HF weights <-> a Flax model folder")
+    p.add_argument("src", help=".pth/.pth.tar/.bin/.safetensors, or a model folder with --to timm")
+    p.add_argument("--model", default=None, help="variant name (inferred when omitted)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--drop-heads", action="store_true", help="fresh heads (fine-tuning)")
+    p.add_argument("--to", choices=("flax", "timm"), default="flax")
+    sub.add_parser("info", help="registered variants with parameter counts and FLOPs")
+    return parser
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "convert": cmd_convert,
+    "info": cmd_info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"deit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

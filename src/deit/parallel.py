@@ -1,0 +1,103 @@
+"""Devices and processes: one mesh over every device of every process, the batch sharded on `data`.
+
+Parameters and optimizer state are replicated (data parallelism, as the paper's 8-16 GPU runs) or,
+with `fsdp=True`, each large array is split along its first divisible axis over the same `data`
+axis (ZeRO-3 style); XLA inserts the gathers. Multi-host runs go through JAX's own runtime
+(`jax.distributed.initialize`), with explicit coordinator flags, environment variables, or the
+cluster auto-detection JAX ships (SLURM, Open MPI, TPU pods, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+
+
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join a multi-process run before any other JAX call, when there is one to join.
+
+    Explicit arguments win; otherwise `DEIT_COORDINATOR`, `DEIT_NUM_PROCESSES`, `DEIT_PROCESS_ID`;
+    otherwise JAX's auto-detection when a cluster environment (SLURM, ...) is present.
+    """
+    coordinator = coordinator or os.environ.get("DEIT_COORDINATOR")
+    if num_processes is None and "DEIT_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["DEIT_NUM_PROCESSES"])
+    if process_id is None and "DEIT_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["DEIT_PROCESS_ID"])
+    if coordinator or num_processes or process_id is not None:
+        if not (coordinator and num_processes and process_id is not None):
+            raise ValueError(
+                f"coordinator {coordinator!r}, num_processes {num_processes}, process_id "
+                f"{process_id}: a multi-process run needs all three"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is outside [0, {num_processes})")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over all devices of all processes, process-major (each process's devices
+    are contiguous, so a process's share of the batch is contiguous too)."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if global_batch <= 0 or global_batch % n:
+        raise ValueError(
+            f"global batch {global_batch} does not divide by the {n} devices; expected a "
+            f"multiple of {n}"
+        )
+    if global_batch % jax.process_count():
+        raise ValueError(
+            f"global batch {global_batch} does not divide by the {jax.process_count()} processes"
+        )
+
+
+def _fsdp_spec(x: Any, n: int, min_size: int) -> PartitionSpec:
+    shape = getattr(x, "shape", ())
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    for axis in np.argsort(shape)[::-1]:
+        if shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = AXIS
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False, min_size: int = 2**14) -> Any:
+    """Shardings for a pytree of arrays: replicated, or FSDP-split along the largest axis that
+    divides by the device count (small arrays stay replicated: splitting them costs more than
+    it saves)."""
+    if not fsdp:
+        return jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+    n = mesh.devices.size
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, _fsdp_spec(x, n, min_size)), state)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's part of the global batch -> global arrays sharded along `data`."""
+    sharding = data_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }

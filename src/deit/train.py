@@ -1,0 +1,371 @@
+"""Training: the train state, the pure jitted step, and the loop around it (`fit`).
+
+One step (DeiT §5-6): normalise -> random erasing -> mixup/cutmix with label smoothing -> student
+(train mode) and teacher (eval mode, the same mixed images through its own normalisation, under
+`stop_gradient`) -> `deit_loss` -> AdamW -> EMA. Randomness is `fold_in(key, step)`, so the step is
+a function of `(state, batch)` alone and a resumed run repeats an uninterrupted one.
+The same loop trains the CNN teacher (a model with BatchNorm statistics and no distillation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from deit import data as data_lib
+from deit import evaluate as eval_lib
+from deit import export, parallel
+from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
+from deit.checkpoint import Checkpoints, abstract_like
+from deit.configs import TrainConfig
+from deit.losses import deit_loss
+from deit.model import DeiTOutput
+from deit.optim import create_optimizer, ema_decay_at, ema_update
+from deit.progress import RunLogger
+from deit.teacher import Teacher, teacher_logits
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    batch_stats: Any  # BatchNorm statistics ({} for DeiT)
+    ema_params: Any  # None without EMA
+    rng: jax.Array
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What the jitted step needs besides the state and the batch (static under jit)."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mixup: MixupConfig
+    erasing: ErasingConfig
+    distillation: str = "none"
+    alpha: float = 0.5
+    tau: float = 1.0
+    soft_reduction: str = "numel"
+    ema_decay: float | None = None
+
+
+def forward(
+    model: Any, params: Any, batch_stats: Any, x: jax.Array, *, train: bool, rng: Any = None
+) -> tuple[jax.Array, jax.Array | None, Any]:
+    """`(cls_logits, dist_logits or None, new batch_stats)` for a DeiT or a ResNet."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    rngs = {"dropout": rng} if rng is not None else None
+    if train and batch_stats:
+        out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+    else:
+        out = model.apply(variables, x, train=train, rngs=rngs)
+    if isinstance(out, DeiTOutput):
+        return out.cls_logits, out.dist_logits, batch_stats
+    return out, None, batch_stats
+
+
+def init_state(
+    model: Any,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    seed: int,
+    image_shape: tuple[int, ...],
+) -> TrainState:
+    key = jax.random.PRNGKey(seed)
+    init_key, state_key = jax.random.split(key)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32)))(
+        init_key
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        batch_stats=variables.get("batch_stats", {}),
+        ema_params=params if cfg.ema_decay is not None else None,
+        rng=state_key,
+    )
+
+
+def make_train_step(
+    model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: StepConfig
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, batch, teacher=None) -> (state, metrics)`; batch images uint8."""
+    mean, std = jnp.asarray(cfg.mean), jnp.asarray(cfg.std)
+
+    def train_step(
+        state: TrainState, batch: dict[str, jax.Array], teacher: Teacher | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        erase_key, mix_key, drop_key = jax.random.split(rng, 3)
+        # Official order: erasing is a per-image transform, mixup a batch one; the teacher then
+        # sees exactly the student's input.
+        x = normalize(batch["image"], cfg.mean, cfg.std)
+        x = random_erasing(erase_key, x, cfg.erasing)
+        x, targets = mixup_cutmix(mix_key, x, batch["label"], cfg.num_classes, cfg.mixup)
+        t_logits = None
+        if teacher is not None and cfg.distillation != "none":
+            t_logits = teacher_logits(teacher, x * std + mean)
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict, Any]]:
+            cls, dist, stats = forward(
+                model, params, state.batch_stats, x, train=True, rng=drop_key
+            )
+            loss, aux = deit_loss(
+                cls,
+                dist,
+                targets,
+                t_logits,
+                distillation=cfg.distillation,
+                alpha=cfg.alpha,
+                tau=cfg.tau,
+                soft_reduction=cfg.soft_reduction,
+            )
+            return loss, (aux, stats)
+
+        (loss, (aux, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = ema_update(ema, params, ema_decay_at(state.step, cfg.ema_decay))
+        metrics = {
+            "loss": loss,
+            "base_loss": aux["base_loss"],
+            "kd_loss": aux["kd_loss"],
+            "lr": schedule(state.step),
+            "grad_norm": optax.global_norm(grads),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            batch_stats=stats,
+            ema_params=ema,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: Any, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any, Any, dict[str, jax.Array]], dict]:
+    """`eval_step(params, batch_stats, batch) -> per-head sums` (see `evaluate.head_sums`)."""
+
+    def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array]) -> dict:
+        x = normalize(batch["image"], mean, std)
+        cls, dist, _ = forward(model, params, batch_stats, x, train=False)
+        return eval_lib.head_sums(cls, dist, batch["label"], batch["mask"])
+
+    return eval_step
+
+
+def make_teacher_eval_step(teacher: Teacher) -> Callable[[dict[str, jax.Array]], dict]:
+    def eval_step(batch: dict[str, jax.Array]) -> dict:
+        logits = teacher_logits(teacher, batch["image"].astype(jnp.float32) / 255.0)
+        return {"avg": eval_lib.batch_sums(logits, batch["label"], batch["mask"])}
+
+    return jax.jit(eval_step)
+
+
+def run_eval(
+    step_fn: Callable[[dict[str, jax.Array]], dict],
+    source: data_lib.Source,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+) -> dict[str, dict[str, float]]:
+    batches = data_lib.eval_batches(
+        source,
+        data_cfg,
+        global_batch=global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return eval_lib.evaluate(lambda b: step_fn(parallel.put_batch(b, mesh)), batches)
+
+
+def evaluate_state(
+    eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
+    state: TrainState,
+    source: data_lib.Source,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
+    weights = {"val": state.params}
+    if state.ema_params is not None:
+        weights["val_ema"] = state.ema_params
+    return {
+        split: run_eval(
+            functools.partial(eval_step, params, state.batch_stats),
+            source,
+            data_cfg,
+            mesh,
+            global_batch,
+        )
+        for split, params in weights.items()
+    }
+
+
+def fit(
+    model: Any,
+    cfg: TrainConfig,
+    train_src: data_lib.Source,
+    val_src: data_lib.Source,
+    *,
+    teacher: Teacher | None = None,
+    resume: bool = False,
+    title: str = "student",
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model` on `train_src` with `cfg`, evaluating on `val_src` every epoch.
+
+    Writes to `cfg.output`: `metrics.jsonl`, TensorBoard events, `checkpoints/` (Orbax),
+    `best/` and `final/` (exported models, see `export.py`). Returns the final evaluation.
+    """
+    out = Path(cfg.output).absolute()
+    mesh = parallel.make_mesh()
+    global_batch = cfg.batch_size
+    parallel.check_batch(global_batch, mesh)
+    spe = len(train_src) // global_batch
+    if spe == 0:
+        raise ValueError(
+            f"the training set has {len(train_src)} images, fewer than the batch {global_batch}"
+        )
+    total = cfg.epochs * spe
+    optim_cfg = dataclasses.replace(cfg.optim, epochs=cfg.epochs)
+    tx, schedule = create_optimizer(optim_cfg, global_batch, spe)
+    num_classes = len(train_src.classes)
+    step_cfg = StepConfig(
+        num_classes=num_classes,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        mixup=cfg.mixup,
+        erasing=cfg.erasing,
+        distillation=cfg.distillation if teacher is not None else "none",
+        alpha=cfg.alpha,
+        tau=cfg.tau,
+        soft_reduction=cfg.soft_reduction,
+        ema_decay=optim_cfg.ema_decay,
+    )
+    image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
+    state = init_state(model, tx, step_cfg, cfg.seed, image_shape)
+    shardings = parallel.state_shardings(state, mesh, cfg.fsdp)
+    state = jax.device_put(state, shardings)
+    ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    best = {"top1": -1.0, "epoch": -1}
+    if ckpts.latest_step() is not None:
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run (checkpoint at step {ckpts.latest_step()}); pass "
+                "--resume to continue it or choose another --output"
+            )
+        state, meta = ckpts.restore(abstract_like(state))
+        best = meta.get("best", best)
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, step_cfg),
+        donate_argnums=0,
+        out_shardings=(shardings, None),
+    )
+    eval_step = jax.jit(make_eval_step(model, step_cfg.mean, step_cfg.std))
+    logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
+    step = int(state.step)
+    results: dict[str, Any] = {}
+    try:
+        for epoch in range(step // spe, cfg.epochs):
+            batches = data_lib.train_batches(
+                train_src,
+                cfg.data,
+                seed=cfg.seed,
+                epoch=epoch,
+                global_batch=global_batch,
+                num_devices=mesh.devices.size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                start_step=step - epoch * spe,
+            )
+            tick, seen = time.perf_counter(), 0
+            for batch in batches:
+                state, metrics = train_step(state, parallel.put_batch(batch, mesh), teacher)
+                step += 1
+                seen += global_batch
+                logger.advance(step)
+                if step % cfg.log_every == 0 or step == (epoch + 1) * spe:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not np.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {values['loss']} at step {step}; the last good checkpoint "
+                            f"is kept in {ckpts.directory}; lower --lr or enable gradient clipping"
+                        )
+                    now = time.perf_counter()
+                    values["img_per_s"] = seen / max(now - tick, 1e-9)
+                    tick, seen = now, 0
+                    logger.log_train(step, epoch, values)
+                if step % cfg.checkpoint_every == 0:
+                    ckpts.save(step, state, {"best": best, "epoch": epoch})
+            results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
+            logger.log_eval(step, epoch, results)
+            which = max(results, key=lambda k: results[k]["avg"]["top1"])
+            if results[which]["avg"]["top1"] > best["top1"]:
+                best = {"top1": results[which]["avg"]["top1"], "epoch": epoch, "weights": which}
+                _export(out / "best", model, state, which == "val_ema", train_src, cfg, extra_meta)
+            ckpts.save(step, state, {"best": best, "epoch": epoch})
+        ckpts.wait()
+        if not results:  # resumed a finished run: evaluate what it ended with
+            results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
+        _export(out / "final", model, state, False, train_src, cfg, extra_meta)
+    finally:
+        ckpts.close()
+        logger.close()
+    results["best"] = best
+    results["steps"] = step
+    return results
+
+
+def _export(
+    folder: Path,
+    model: Any,
+    state: TrainState,
+    ema: bool,
+    source: data_lib.Source,
+    cfg: TrainConfig,
+    extra: dict[str, Any] | None,
+) -> None:
+    if jax.process_index() != 0:
+        return
+    params = jax.device_get(state.ema_params if ema else state.params)
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = jax.device_get(state.batch_stats)
+    export.save_model(
+        folder,
+        model,
+        variables,
+        classes=source.classes,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        img_size=cfg.data.img_size,
+        crop_pct=cfg.data.crop_pct,
+        interpolation=cfg.data.interpolation,
+        ema=ema,
+        **(extra or {}),
+    )
+    (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -1,0 +1,283 @@
+"""Per-image transforms: shapes on normal and tiny images, seeded determinism, crop geometry
+against torchvision's sampler rules, and decoding of every PIL mode we expect to meet."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deit.transforms import (
+    RAND_INCREASING_TRANSFORMS,
+    RAND_TRANSFORMS,
+    RandAugment,
+    decode_image,
+    eval_transform,
+    hflip,
+    random_resized_crop,
+    random_resized_crop_box,
+    train_transform,
+)
+
+
+def _random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment
+
+
+@pytest.mark.parametrize("name", sorted(set(RAND_INCREASING_TRANSFORMS) | set(RAND_TRANSFORMS)))
+@pytest.mark.parametrize("shape", [(40, 56), (8, 8), (1, 1)])
+@pytest.mark.parametrize("magnitude", [0.0, 9.0, 10.0])
+def test_each_op_keeps_shape_and_dtype(name: str, shape: tuple[int, int], magnitude: float):
+    img = _random_image(*shape)
+    out = RandAugment().apply_op(img, name, magnitude, np.random.default_rng(0))
+    assert out.shape == (*shape, 3)
+    assert out.dtype == np.uint8
+
+
+def test_increasing_op_list_matches_timm():
+    assert RandAugment().ops == (
+        "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+        "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+        "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+        "TranslateYRel",
+    )  # fmt: skip
+    assert RandAugment(increasing=False).ops == RAND_TRANSFORMS
+
+
+def test_op_semantics_at_known_magnitudes():
+    ra = RandAugment()
+    rng = np.random.default_rng(0)
+    img = _random_image(16, 16)
+    np.testing.assert_array_equal(ra.apply_op(img, "Invert", 0, rng), 255 - img)
+    # increasing posterize keeps 4 - int(4 * M / 10) bits: M=10 keeps none, M=5 keeps 2
+    assert not ra.apply_op(img, "PosterizeIncreasing", 10, rng).any()
+    np.testing.assert_array_equal(ra.apply_op(img, "PosterizeIncreasing", 5, rng), img & 0xC0)
+    # increasing solarize threshold is 256 - int(256 * M / 10): M=0 inverts nothing
+    np.testing.assert_array_equal(ra.apply_op(img, "SolarizeIncreasing", 0, rng), img)
+    np.testing.assert_array_equal(ra.apply_op(img, "SolarizeIncreasing", 10, rng), 255 - img)
+    # SolarizeAdd adds int(110 * M / 10) below 128, saturating at 255
+    expected = np.where(img < 128, np.minimum(img.astype(int) + 110, 255), img)
+    np.testing.assert_array_equal(ra.apply_op(img, "SolarizeAdd", 10, rng), expected)
+    # zero magnitude leaves geometric ops and increasing enhancements at the identity
+    for name in ("Rotate", "ShearX", "TranslateYRel", "BrightnessIncreasing"):
+        np.testing.assert_array_equal(ra.apply_op(img, name, 0, rng), img)
+
+
+def test_translate_fills_with_the_fill_colour():
+    ra = RandAugment(fill=(1, 2, 3))
+    img = np.full((10, 20, 3), 200, np.uint8)
+    out = ra.apply_op(img, "TranslateXRel", 10, np.random.default_rng(0))
+    # a shift of 0.45 of the width uncovers 9 columns on one side
+    filled = np.all(out == (1, 2, 3), axis=-1).all(axis=0)
+    assert filled.sum() == 9 and (filled[:9].all() or filled[-9:].all())
+
+
+def test_randaugment_deterministic_per_seed():
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    img = _random_image(32, 32)
+    a = ra(img, np.random.default_rng(7))
+    b = ra(img, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    outs = [ra(img, np.random.default_rng(s)).tobytes() for s in range(8)]
+    assert len(set(outs)) > 1
+    assert a.shape == img.shape and a.dtype == np.uint8
+
+
+def test_randaugment_tiny_image_and_prob_zero_is_identity():
+    ra = RandAugment(num_ops=4, magnitude=10, magnitude_std=math.inf, prob=1.0)
+    img = _random_image(8, 8)
+    for seed in range(20):
+        assert ra(img, np.random.default_rng(seed)).shape == (8, 8, 3)
+    np.testing.assert_array_equal(RandAugment(prob=0.0)(img, np.random.default_rng(0)), img)
+
+
+def test_from_string():
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.increasing) == (2, 9, 0.5, True)
+    assert ra.prob == 0.5 and ra.magnitude_max == 10
+    ra = RandAugment.from_string("rand-n3-m7-p0.3-mmax15")
+    assert (ra.num_ops, ra.magnitude, ra.prob, ra.magnitude_max) == (3, 7, 0.3, 15)
+    assert not ra.increasing and ra.magnitude_std == 0
+    # timm's defaults when a key is absent: magnitude 10, 2 ops; mstd above 100 means uniform
+    ra = RandAugment.from_string("rand-mstd101")
+    assert (ra.magnitude, ra.num_ops, ra.magnitude_std) == (10, 2, math.inf)
+
+
+@pytest.mark.parametrize(
+    "bad", ["rand-m9-x3", "augmix-m9", "rand-m", "rand-n2.5", "rand-m9-mstd0.5-inc1-w0", ""]
+)
+def test_from_string_rejects_bad_strings(bad: str):
+    with pytest.raises(ValueError):
+        RandAugment.from_string(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops, flips, train and eval transforms
+
+
+@pytest.mark.parametrize("size", [1, 16, 32, (24, 40), 224])
+def test_random_resized_crop_shape(size):
+    out = random_resized_crop(_random_image(60, 80), np.random.default_rng(0), size)
+    expected = (size, size) if isinstance(size, int) else size
+    assert out.shape == (*expected, 3) and out.dtype == np.uint8
+
+
+def test_random_resized_crop_deterministic_per_seed():
+    img = _random_image(50, 70)
+    a = random_resized_crop(img, np.random.default_rng(3), 32)
+    np.testing.assert_array_equal(a, random_resized_crop(img, np.random.default_rng(3), 32))
+    outs = {random_resized_crop(img, np.random.default_rng(s), 32).tobytes() for s in range(8)}
+    assert len(outs) > 1
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.3, 0.5)])
+def test_crop_box_within_scale_and_image(scale: tuple[float, float]):
+    h, w = 400, 500
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        top, left, ch, cw = random_resized_crop_box(h, w, rng, scale, (3 / 4, 4 / 3))
+        assert top >= 0 and left >= 0 and top + ch <= h and left + cw <= w
+        # rounding each side to whole pixels moves the area by at most ~1/side relative
+        assert scale[0] * 0.99 <= ch * cw / (h * w) <= scale[1] * 1.01
+        assert 3 / 4 * 0.98 <= cw / ch <= 4 / 3 * 1.02
+
+
+def test_crop_box_fallback_is_centred_with_clamped_ratio():
+    # a 1x100 strip can never fit a box of ratio <= 4/3 covering 8% of it, so the fallback runs
+    top, left, ch, cw = random_resized_crop_box(1, 100, np.random.default_rng(0))
+    assert (top, ch, cw) == (0, 1, 1) and left == (100 - 1) // 2
+
+
+def test_random_resized_crop_tiny_input():
+    out = random_resized_crop(_random_image(8, 8), np.random.default_rng(0), 32)
+    assert out.shape == (32, 32, 3)
+    assert random_resized_crop(_random_image(1, 1), np.random.default_rng(0), 4).shape == (4, 4, 3)
+
+
+def test_hflip():
+    img = _random_image(5, 7)
+    np.testing.assert_array_equal(hflip(img, np.random.default_rng(0), p=1.0), img[:, ::-1])
+    np.testing.assert_array_equal(hflip(img, np.random.default_rng(0), p=0.0), img)
+    flips = [hflip(img, np.random.default_rng(s)).tobytes() != img.tobytes() for s in range(200)]
+    assert 60 < sum(flips) < 140
+
+
+def test_train_transform_tiny_digits_like_input():
+    img = np.repeat(_random_image(8, 8)[..., :1], 3, axis=-1)
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    a = train_transform(img, np.random.default_rng(1), 32, randaugment=ra)
+    b = train_transform(img, np.random.default_rng(1), 32, randaugment=ra)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_transform_without_augmentation_is_a_resize():
+    img = _random_image(20, 20)
+    out = train_transform(
+        img, np.random.default_rng(0), 20, scale=(1.0, 1.0), ratio=(1, 1), hflip=0
+    )
+    np.testing.assert_array_equal(out, img)
+
+
+def test_eval_transform_crops_the_centre():
+    h, w = 300, 200
+    ys, xs = np.mgrid[0:h, 0:w]
+    img = np.stack([ys * 255 / (h - 1), xs * 255 / (w - 1), np.zeros_like(ys)], -1)
+    img = np.round(img).astype(np.uint8)
+    out = eval_transform(img, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # shorter side 200 -> floor(224 / 0.875) = 256, longer 300 -> 384; crop offsets (80, 16)
+    oy, ox = np.mgrid[0:224, 0:224]
+    src_y = (80 + oy + 0.5) * h / 384 - 0.5
+    src_x = (16 + ox + 0.5) * w / 256 - 0.5
+    # bicubic reproduces linear ramps away from borders; allow for uint8 rounding twice
+    np.testing.assert_allclose(out[..., 0], src_y * 255 / (h - 1), atol=2)
+    np.testing.assert_allclose(out[..., 1], src_x * 255 / (w - 1), atol=2)
+
+
+def test_eval_transform_tiny_input_and_crop_pct():
+    assert eval_transform(_random_image(8, 8), 32).shape == (32, 32, 3)
+    assert eval_transform(_random_image(30, 40), 16, crop_pct=1.0).shape == (16, 16, 3)
+    img = _random_image(16, 16)
+    np.testing.assert_array_equal(eval_transform(img, 16, crop_pct=1.0), img)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _save(tmp_path: Path, name: str, img: Image.Image, fmt: str) -> Path:
+    path = tmp_path / name
+    img.save(path, fmt)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("1", "PNG"), ("LA", "PNG")],
+)
+def test_decode_converts_modes_to_rgb(tmp_path: Path, mode: str, fmt: str):
+    img = Image.fromarray(_random_image(6, 9)).convert(mode)
+    out = decode_image(_save(tmp_path, f"x.{fmt.lower()}", img, fmt))
+    assert out.shape == (6, 9, 3) and out.dtype == np.uint8
+
+
+def test_decode_drops_alpha_like_torchvision(tmp_path: Path):
+    img = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    out = decode_image(_save(tmp_path, "a.png", img, "PNG"))
+    np.testing.assert_array_equal(out, [[[10, 20, 30], [10, 20, 30]]])
+
+
+def test_decode_palette_with_transparency_does_not_warn(tmp_path: Path):
+    img = Image.new("P", (3, 2), 1)
+    img.putpalette([0, 0, 0, 9, 8, 7] + [0] * 762)
+    path = tmp_path / "p.png"
+    img.save(path, "PNG", transparency=bytes([0, 255]))
+    np.testing.assert_array_equal(decode_image(path), np.full((2, 3, 3), (9, 8, 7)))
+
+
+def test_decode_16_bit_scales_instead_of_clipping(tmp_path: Path):
+    img = Image.fromarray(np.array([[65535, 32768, 255, 0]], dtype=np.uint16))
+    assert img.mode == "I;16"
+    out = decode_image(_save(tmp_path, "deep.png", img, "PNG"))
+    np.testing.assert_array_equal(out[0, :, 0], [255, 128, 0, 0])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_decode_one_pixel_and_bytes(tmp_path: Path):
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (5, 6, 7)).save(buf, "PNG")
+    np.testing.assert_array_equal(decode_image(buf.getvalue()), [[[5, 6, 7]]])
+    path = tmp_path / "one.png"
+    path.write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(decode_image(str(path)), [[[5, 6, 7]]])
+
+
+def test_decode_rejects_broken_files(tmp_path: Path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(_random_image(64, 64)).save(buf, "JPEG")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    for path in (empty, text, truncated, tmp_path / "missing.jpg"):
+        with pytest.raises(ValueError, match=re.escape(f"cannot decode image {path}:")):
+            decode_image(path)
+
+
+def test_decode_reports_decompression_bombs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = _save(tmp_path, "big.png", Image.new("L", (64, 64)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # errors above twice the limit
+    with pytest.raises(ValueError, match="decompression-bomb"):
+        decode_image(path)
