@@ -247,6 +247,11 @@ class _EvalExample:
 def _iterate(ds: grain.MapDataset, batch: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
     it = ds.batch(batch, drop_remainder=True).to_iter_dataset()
     if workers > 0:
+        from absl import flags
+
+        # grain's workers read absl flags, which only absl.app would otherwise parse.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)
 
