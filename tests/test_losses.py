@@ -1,0 +1,200 @@
+"""DeiT losses against values worked out by hand.
+
+Most logits are `[0, ln 3]`, whose softmax is exactly `[1/4, 3/4]`, so every expected number
+below is a short closed form in `math.log`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deit.losses import (
+    LossConfig,
+    cross_entropy,
+    deit_loss,
+    hard_distillation,
+    soft_distillation,
+    soft_target_cross_entropy,
+)
+
+LN3 = math.log(3.0)
+# Rows: softmax [1/4, 3/4] and [1/2, 1/2].
+LOGITS = jnp.array([[0.0, LN3], [0.0, 0.0]])
+TEACHER = jnp.array([[LN3, 0.0], [0.0, LN3]])  # softmax [3/4, 1/4] and [1/4, 3/4]
+# KL([3/4, 1/4] || [1/4, 3/4]) and KL([1/4, 3/4] || [1/2, 1/2]), summed over the batch.
+KL_ROW0 = 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.75)
+KL_ROW1 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+KL_SUM = KL_ROW0 + KL_ROW1
+
+
+def test_soft_target_cross_entropy_hand_value():
+    targets = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+    # Row 0: -(0.5 ln 1/4 + 0.5 ln 3/4); row 1: -ln 1/2.
+    expected = (-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)) + math.log(2.0)) / 2
+    assert float(soft_target_cross_entropy(LOGITS, targets)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_target_cross_entropy_is_float32_for_bfloat16_logits():
+    targets = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+    loss = soft_target_cross_entropy(LOGITS.astype(jnp.bfloat16), targets)
+    assert loss.dtype == jnp.float32
+
+
+def test_cross_entropy_with_label_smoothing_hand_value():
+    labels = jnp.array([1, 0])
+    eps = 0.1
+    # timm LabelSmoothingCrossEntropy: (1 - eps) * nll + eps * mean_k(-log p_k), per row.
+    row0 = (1 - eps) * -math.log(0.75) + eps * -(math.log(0.25) + math.log(0.75)) / 2
+    row1 = (1 - eps) * math.log(2.0) + eps * math.log(2.0)
+    loss = cross_entropy(LOGITS, labels, label_smoothing=eps)
+    assert float(loss) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_cross_entropy_without_smoothing_is_soft_ce_on_one_hot():
+    labels = jnp.array([1, 0])
+    one_hot = jax.nn.one_hot(labels, 2)
+    expected = (-math.log(0.75) + math.log(2.0)) / 2
+    assert float(cross_entropy(LOGITS, labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(soft_target_cross_entropy(LOGITS, one_hot)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_distillation_both_reductions_hand_values():
+    batchmean = soft_distillation(LOGITS, TEACHER, tau=1.0, reduction="batchmean")
+    numel = soft_distillation(LOGITS, TEACHER, tau=1.0, reduction="numel")
+    assert float(batchmean) == pytest.approx(KL_SUM / 2, rel=1e-6)  # / B
+    assert float(numel) == pytest.approx(KL_SUM / 4, rel=1e-6)  # / (B * K), official
+    assert float(numel) == pytest.approx(float(batchmean) / 2, rel=1e-6)  # K = 2
+    assert float(soft_distillation(LOGITS, TEACHER, tau=1.0)) == float(numel)  # the default
+
+
+def test_soft_distillation_temperature_hand_value():
+    # At tau = 2 the teacher row [ln 3, 0] becomes [ln 3 / 2, 0]: softmax [r, 1 - r], r below.
+    student = jnp.zeros((1, 2))
+    teacher = jnp.array([[LN3, 0.0]])
+    r = math.sqrt(3) / (1 + math.sqrt(3))
+    kl = r * math.log(r / 0.5) + (1 - r) * math.log((1 - r) / 0.5)
+    loss = soft_distillation(student, teacher, tau=2.0, reduction="batchmean")
+    assert float(loss) == pytest.approx(4.0 * kl, rel=1e-5)  # times tau**2
+
+
+@pytest.mark.parametrize("reduction", ["numel", "batchmean"])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_soft_distillation_is_zero_when_teacher_is_student(reduction, tau):
+    logits = jax.random.normal(jax.random.PRNGKey(0), (3, 5)) * 4
+    assert abs(float(soft_distillation(logits, logits, tau, reduction))) < 1e-6
+
+
+def test_hard_distillation_is_cross_entropy_against_teacher_argmax():
+    student = jnp.array([[0.0, LN3, 0.0], [1.0, 2.0, 3.0]])
+    teacher = jnp.array([[0.0, 5.0, 1.0], [3.0, 0.0, -1.0]])  # argmax [1, 0]
+    # Row 0: softmax [1/5, 3/5, 1/5] -> -ln 3/5; row 1: -log_softmax([1, 2, 3])[0].
+    row1 = math.log(math.exp(1) + math.exp(2) + math.exp(3)) - 1.0
+    expected = (-math.log(0.6) + row1) / 2
+    assert float(hard_distillation(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    ce = cross_entropy(student, jnp.array([1, 0]))
+    assert float(hard_distillation(student, teacher)) == float(ce)
+
+
+TARGETS = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+BASE = (-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)) + math.log(2.0)) / 2  # soft CE of LOGITS
+DIST = jnp.array([[0.0, 0.0], [0.0, LN3]])  # softmax [1/2, 1/2] and [1/4, 3/4]
+BASE_DIST = (math.log(2.0) - math.log(0.25)) / 2  # soft CE of DIST against TARGETS
+
+
+def test_deit_loss_none_is_soft_ce():
+    loss, aux = deit_loss(LOGITS, None, TARGETS)
+    assert float(loss) == pytest.approx(BASE, rel=1e-6)
+    assert float(aux["base_loss"]) == float(loss) == float(aux["loss"])
+    assert float(aux["kd_loss"]) == 0.0
+
+
+def test_deit_loss_none_trains_both_heads():
+    loss, aux = deit_loss(LOGITS, DIST, TARGETS, distillation="none")
+    assert float(loss) == pytest.approx((BASE + BASE_DIST) / 2, rel=1e-6)
+    assert float(aux["kd_loss"]) == 0.0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_deit_loss_soft_combines_with_alpha(alpha):
+    # DIST rows against TEACHER: KL([3/4, 1/4] || [1/2, 1/2]) and KL(p || p) = 0.
+    kd_sum = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    loss, aux = deit_loss(LOGITS, DIST, TARGETS, TEACHER, distillation="soft", alpha=alpha)
+    assert float(aux["base_loss"]) == pytest.approx(BASE, rel=1e-6)  # class head only
+    assert float(aux["kd_loss"]) == pytest.approx(kd_sum / 4, rel=1e-5)  # numel: / (B * K)
+    assert float(loss) == pytest.approx((1 - alpha) * BASE + alpha * kd_sum / 4, rel=1e-5)
+    _, aux_bm = deit_loss(
+        LOGITS, DIST, TARGETS, TEACHER, distillation="soft", soft_reduction="batchmean"
+    )
+    assert float(aux_bm["kd_loss"]) == pytest.approx(kd_sum / 2, rel=1e-5)
+
+
+def test_deit_loss_hard_combines_with_alpha():
+    # Teacher argmax [0, 1]; DIST log-probs: ln 1/2 and ln 3/4.
+    kd = (math.log(2.0) - math.log(0.75)) / 2
+    loss, aux = deit_loss(LOGITS, DIST, TARGETS, TEACHER, distillation="hard", alpha=0.3)
+    assert float(aux["kd_loss"]) == pytest.approx(kd, rel=1e-6)
+    assert float(loss) == pytest.approx(0.7 * BASE + 0.3 * kd, rel=1e-6)
+
+
+def test_deit_loss_without_dist_head_distils_the_class_head():
+    # Teacher argmax [0, 1]; LOGITS log-probs: ln 1/4 and ln 1/2.
+    kd = (-math.log(0.25) + math.log(2.0)) / 2
+    loss, aux = deit_loss(LOGITS, None, TARGETS, TEACHER, distillation="hard")
+    assert float(aux["kd_loss"]) == pytest.approx(kd, rel=1e-6)
+    assert float(loss) == pytest.approx(0.5 * BASE + 0.5 * kd, rel=1e-6)
+    _, aux = deit_loss(LOGITS, None, TARGETS, TEACHER, config=LossConfig("soft", tau=1.0))
+    assert float(aux["kd_loss"]) == pytest.approx(KL_SUM / 4, rel=1e-5)
+
+
+def test_deit_loss_stops_teacher_gradient_and_jits():
+    step = jax.jit(functools.partial(deit_loss, distillation="soft", soft_reduction="batchmean"))
+
+    def total(student, teacher):
+        return step(LOGITS, student, TARGETS, teacher)[0]
+
+    g_student, g_teacher = jax.grad(total, argnums=(0, 1))(DIST, TEACHER)
+    assert np.all(np.asarray(g_teacher) == 0.0)
+    assert np.any(np.asarray(g_student) != 0.0)
+    eager = deit_loss(LOGITS, DIST, TARGETS, TEACHER, distillation="soft")[0]
+    jitted = jax.jit(lambda *a: deit_loss(*a, config=LossConfig("soft"))[0])(
+        LOGITS, DIST, TARGETS, TEACHER
+    )
+    assert float(jitted) == pytest.approx(float(eager), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"distillation": "kl"}, "distillation 'kl'"),
+        ({"distillation": "soft", "alpha": 1.5}, "alpha 1.5"),
+        ({"distillation": "soft", "alpha": -0.1}, "alpha -0.1"),
+        ({"distillation": "soft", "tau": 0.0}, "tau 0.0"),
+        ({"distillation": "soft", "soft_reduction": "mean"}, "'mean'"),
+    ],
+)
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        deit_loss(LOGITS, DIST, TARGETS, TEACHER, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        deit_loss(LOGITS, DIST, TARGETS, None, distillation="hard")
+    with pytest.raises(ValueError, match="both config and loss settings"):
+        deit_loss(LOGITS, DIST, TARGETS, TEACHER, alpha=0.1, config=LossConfig("hard"))
+    with pytest.raises(ValueError, match="targets shape"):
+        deit_loss(LOGITS, DIST, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="tau -1"):
+        soft_distillation(LOGITS, TEACHER, tau=-1)
+    with pytest.raises(ValueError, match="'sum'"):
+        soft_distillation(LOGITS, TEACHER, tau=1.0, reduction="sum")
+    with pytest.raises(ValueError, match=r"label_smoothing 1\.0"):
+        cross_entropy(LOGITS, jnp.array([0, 1]), label_smoothing=1.0)
