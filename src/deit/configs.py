@@ -84,19 +84,23 @@ def imagenet() -> TrainConfig:
 
 
 def digits() -> TrainConfig:
-    """The built-in set (scikit-learn's 8x8 digits upscaled to 32x32): what `deit train` runs.
+    """The built-in set (scikit-learn's 8x8 digits upscaled to 16x16): what `deit train` runs.
 
-    A small DeiT (`deit_digits_distilled_patch4_32`: one 4x4 patch per original pixel) distilled
-    from a ResNet teacher trained first by the same command. Changes to the paper's recipe, sized
-    for 1,437 tiny grey images on 2 CPU cores: no horizontal flip (digits are not mirror
-    symmetric), crops of 35-100% of the area, RandAugment at magnitude 5 instead of 9 (at 9 the
-    rotations and shears turn some 8x8 digits into others), no repeated augmentation (it thins an
-    already small epoch), batch 128 with the lr scaling rule (lr 1.25e-4 * ... see OptimConfig),
-    2 warmup epochs, EMA with a short horizon. Expect >= 96% top-1 for the averaged heads.
+        deit train            # = deit train --recipe digits --output runs/digits
+
+    A small DeiT (`deit_digits_distilled_patch4_16`: 96 wide, 4 blocks, one token per 2x2
+    original pixels) hard-distilled from a ResNet-8 teacher that the same command trains first
+    (30 epochs, ~97-98% top-1). Changes to the paper's recipe, sized for 1,437 tiny grey images
+    on 2 CPU cores: no horizontal flip (digits are not mirror symmetric); crops of 35-100% of the
+    area; RandAugment at magnitude 5 instead of 9 (at 9 rotations and shears turn some 8x8 digits
+    into others); no repeated augmentation (it thins an already small epoch); mixup/cutmix on 30%
+    of the batches; random erasing p 0.1; batch 128 at lr 2e-3 (a fixed lr: the /512 scaling rule
+    gives a ViT far too small a step on 11 steps per epoch); 90 epochs, 3 warm-up; EMA 0.998.
+    Expect ~97% top-1 for the averaged heads in under 5 minutes on 2 cores (see the README).
     """
     data = DataConfig(
         dataset="digits",
-        img_size=32,
+        img_size=16,
         scale=(0.35, 1.0),
         hflip=0.0,
         randaugment="rand-m5-mstd0.5-inc1",
@@ -105,21 +109,21 @@ def digits() -> TrainConfig:
         workers=0,
     )
     return TrainConfig(
-        model="deit_digits_distilled_patch4_32",
-        epochs=40,
+        model="deit_digits_distilled_patch4_16",
+        epochs=90,
         batch_size=128,
         output="runs/digits",
         distillation="hard",
         drop_path_rate=0.05,
         data=data,
-        optim=OptimConfig(base_lr=2e-3, warmup_epochs=2, epochs=40, min_lr=1e-5, ema_decay=0.998),
-        mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.5),
+        optim=OptimConfig(lr=2e-3, warmup_epochs=3, epochs=90, min_lr=1e-5, ema_decay=0.998),
+        mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.3),
         erasing=ErasingConfig(prob=0.1),
         teacher_cfg=TeacherConfig(
             arch="resnet8",
-            epochs=20,
+            epochs=30,
             optim=OptimConfig(
-                base_lr=2e-3, warmup_epochs=1, epochs=20, weight_decay=0.05, ema_decay=None
+                lr=1e-2, warmup_epochs=1, epochs=30, weight_decay=0.05, ema_decay=None
             ),
             mixup=MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0),
         ),

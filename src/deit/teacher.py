@@ -274,13 +274,15 @@ def teacher_logits(teacher: Teacher, images_01: jax.Array) -> jax.Array:
             f"images have shape {tuple(images_01.shape)}; "
             f"expected (B, H, W, {len(teacher.mean)}) in [0, 1]"
         )
-    if teacher.image_size is not None and tuple(images_01.shape[1:3]) != teacher.image_size:
-        h, w = images_01.shape[1:3]
-        raise ValueError(f"images are {h}x{w} but the teacher expects {teacher.image_size}")
     variables = jax.lax.stop_gradient(teacher.variables)
     mean = jnp.asarray(teacher.mean, jnp.float32)
     std = jnp.asarray(teacher.std, jnp.float32)
-    x = (jax.lax.stop_gradient(images_01).astype(jnp.float32) - mean) / std
+    x = jax.lax.stop_gradient(images_01).astype(jnp.float32)
+    if teacher.image_size is not None and tuple(x.shape[1:3]) != teacher.image_size:
+        # A teacher trained at another resolution sees the same mixed images, resized.
+        b, _, _, c = x.shape
+        x = jax.image.resize(x, (b, *teacher.image_size, c), method="bilinear")
+    x = (x - mean) / std
     return jax.lax.stop_gradient(teacher.apply_fn(variables, x).astype(jnp.float32))
 
 

@@ -97,7 +97,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         batch_stats=variables.get("batch_stats", {}),
-        ema_params=params if cfg.ema_decay is not None else None,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if cfg.ema_decay is not None else None,
         rng=state_key,
     )
 
