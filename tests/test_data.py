@@ -44,7 +44,9 @@ def test_epoch_order_rejects_batch_larger_than_data():
 
 
 def test_train_batches_deterministic_and_resumable():
-    src = data.arrays(np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8), np.arange(40) % 4)
+    src = data.arrays(
+        np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8), np.arange(40) % 4
+    )
     cfg = small_cfg(repeats=1)
     kw = dict(seed=3, epoch=1, global_batch=8)
     full = list(data.train_batches(src, cfg, **kw))
@@ -64,7 +66,18 @@ def test_process_shares_are_disjoint_and_cover_the_batch():
     cfg = small_cfg(repeats=1, randaugment=None)
     whole = data.epoch_order(48, 0, 1, 12, 1, 4)
     shares = [
-        list(data.train_batches(src, cfg, seed=1, epoch=0, global_batch=12, num_devices=4, process_index=p, process_count=2))
+        list(
+            data.train_batches(
+                src,
+                cfg,
+                seed=1,
+                epoch=0,
+                global_batch=12,
+                num_devices=4,
+                process_index=p,
+                process_count=2,
+            )
+        )
         for p in range(2)
     ]
     for step in range(4):

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import deit
+from deit import cli, convert, data
+
+
+@pytest.mark.slow
+def test_train_eval_predict_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--output", str(out), "--epochs", "1", "--teacher-epochs", "1"]
+    args += ["--model", "deit_test_distilled_patch4_32", "--batch-size", "64", "--seed", "1"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    for row in ("teacher", "class head", "distillation head", "averaged heads"):
+        assert row in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["val"]) == {"cls", "dist", "avg"}
+    assert "top1" in results["teacher"]
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "teacher" / "final" / "config.json").is_file()
+    assert any((out / "tb").iterdir())
+
+    # The teacher in the output folder is reused, not trained again.
+    mtime = (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns
+    again = ["train", "--output", str(tmp_path / "run2"), "--teacher", str(out / "teacher")]
+    again += ["--epochs", "1", "--model", "deit_test_distilled_patch4_32", "--batch-size", "64"]
+    assert cli.main(again) == 0
+    assert (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns == mtime
+    capsys.readouterr()
+
+    report = tmp_path / "eval.json"
+    assert (
+        cli.main(["eval", "--checkpoint", str(out), "--data", "digits", "--out", str(report)]) == 0
+    )
+    evaluated = json.loads(report.read_text())
+    # Evaluating the exported final model reproduces the run's own final numbers.
+    assert evaluated["avg"]["top1"] == pytest.approx(results["val"]["avg"]["top1"])
+    assert "averaged heads" in capsys.readouterr().out
+
+    _, val = data.digits()
+    image = tmp_path / "digit.png"
+    Image.fromarray(val.load(0)).save(image)
+    assert cli.main(["predict", "--checkpoint", str(out), str(image)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(image) and len(lines) == 6  # the file, then the top 5
+    probs = [float(x.split("%")[0]) for x in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+
+
+def test_convert_round_trip_from_the_cli(tmp_path, capsys):
+    model = deit.create_model("deit_test_distilled_patch4_32")
+    params = deit.init_params(model, 3)
+    src = tmp_path / "weights.safetensors"
+    convert.save_torch(convert.to_torch(params, model), src)
+    out = tmp_path / "flax"
+    assert (
+        cli.main(
+            ["convert", str(src), "--model", "deit_test_distilled_patch4_32", "--out", str(out)]
+        )
+        == 0
+    )
+    _, variables, _ = deit.export.load_model(out)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    a = model.apply({"params": params}, x).logits
+    b = model.apply(variables, x).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = tmp_path / "timm"
+    assert cli.main(["convert", str(out), "--out", str(back), "--to", "timm"]) == 0
+    sd = convert.load_state_dict(back / "model.safetensors")
+    np.testing.assert_array_equal(
+        sd["head_dist.weight"], convert.to_torch(params, model)["head_dist.weight"]
+    )
+
+
+def test_info_lists_the_reference_variants():
+    done = subprocess.run(
+        [sys.executable, "-m", "deit.cli", "info"], capture_output=True, text=True, check=True
+    )
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+    assert rows["deit_tiny_distilled_patch16_224"] == ["5,910,800", "2.52"]
+    assert rows["deit_base_distilled_patch16_224"][0] == "87,338,192"
+    assert "deit_base_distilled_patch16_384" in rows
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--alpha", "2"], "alpha 2.0 is outside [0, 1]"),
+        (["train", "--tau", "0"], "tau 0.0; expected a positive temperature"),
+        (["train", "--lr", "-1"], "lr -1.0"),
+        (["train", "--model", "deit_huge"], "unknown model 'deit_huge'"),
+        (["train", "--recipe", "cifar"], "unknown recipe 'cifar'"),
+        (["train", "--data", "/nonexistent/folder", "--epochs", "1"], "is not a folder"),
+        (["eval", "--checkpoint", "/nonexistent"], "holds no exported model"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(args, message, capsys, tmp_path):
+    assert (
+        cli.main([*args, *(["--output", str(tmp_path / "o")] if args[0] == "train" else [])]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -1,0 +1,126 @@
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deit
+from deit import configs, data, export, train
+from deit.augment import ErasingConfig, MixupConfig
+from deit.checkpoint import Checkpoints, abstract_like
+from deit.optim import OptimConfig, create_optimizer
+from deit.teacher import Teacher, create_teacher
+
+
+def tiny_config(tmp_path, **kw) -> configs.TrainConfig:
+    base = configs.digits()
+    return dataclasses.replace(
+        base,
+        model="deit_test_distilled_patch4_32",
+        epochs=2,
+        batch_size=64,
+        output=str(tmp_path / "run"),
+        data=dataclasses.replace(base.data, img_size=16),
+        optim=OptimConfig(lr=2e-3, warmup_epochs=0, epochs=2, ema_decay=0.99),
+        log_every=1,
+        checkpoint_every=10_000,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def sources():
+    train_src, val_src = data.digits()
+    return train_src, val_src
+
+
+@pytest.fixture(scope="module")
+def frozen_teacher():
+    model = create_teacher("resnet8", 10)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 3))))(jax.random.PRNGKey(5))
+    return Teacher.from_resnet(model, variables, data.IMAGENET_MEAN, data.IMAGENET_STD, 16)
+
+
+@pytest.mark.slow
+def test_two_epochs_distilled_end_to_end(tmp_path, sources, frozen_teacher):
+    cfg = tiny_config(tmp_path, distillation="hard")
+    train_src, val_src = sources
+    model = deit.create_model(cfg.model, img_size=16, drop_path_rate=0.1)
+    before = jax.tree_util.tree_map(np.array, frozen_teacher.variables)
+    results = train.fit(model, cfg, train_src, val_src, teacher=frozen_teacher)
+    out = tmp_path / "run"
+
+    # The loss falls: mean of the last five logged steps below the first five.
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["kind"] == "train"]
+    assert len(losses) == 2 * (len(train_src) // 64)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(x["kd_loss"] > 0 for x in lines if x["kind"] == "train")
+    evals = [x for x in lines if x["kind"] == "eval"]
+    assert [x["epoch"] for x in evals] == [0, 1]
+    assert set(results["val"]) == {"cls", "dist", "avg"} and "val_ema" in results
+    assert results["val"]["avg"]["count"] == len(val_src)
+
+    # The teacher is frozen: its variables are exactly what they were.
+    after = jax.tree_util.tree_map(np.array, frozen_teacher.variables)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+    # The last checkpoint restores to exactly the final state (exported in final/).
+    tx, _ = create_optimizer(dataclasses.replace(cfg.optim, epochs=2), 64, len(train_src) // 64)
+    step_cfg = train.StepConfig(
+        10, cfg.data.mean, cfg.data.std, cfg.mixup, cfg.erasing, ema_decay=0.99
+    )
+    fresh = train.init_state(model, tx, step_cfg, seed=123, image_shape=(16, 16, 3))
+    ckpts = Checkpoints(out / "checkpoints")
+    restored, meta = ckpts.restore(abstract_like(fresh))
+    ckpts.close()
+    assert int(restored.step) == results["steps"] == 2 * (len(train_src) // 64)
+    assert meta["epoch"] == 1
+    _, variables, config = export.load_model(out / "final")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], restored.params)
+    assert config["classes"] == train_src.classes and config["img_size"] == 16
+
+    # A second fit into the same folder without resume refuses to overwrite it.
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.fit(model, cfg, train_src, val_src, teacher=frozen_teacher)
+
+
+def test_train_step_is_deterministic_and_teacher_gets_no_gradient(frozen_teacher):
+    model = deit.create_model("deit_test_distilled_patch4_32", img_size=16)
+    tx, schedule = create_optimizer(OptimConfig(lr=1e-3, warmup_epochs=0, epochs=1), 8, 10)
+    cfg = train.StepConfig(
+        10,
+        data.IMAGENET_MEAN,
+        data.IMAGENET_STD,
+        MixupConfig(),
+        ErasingConfig(),
+        "soft",
+        ema_decay=0.9,
+    )
+    state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
+    step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 10, 8, dtype=np.int32)),
+    }
+    a, ma = step(state, batch, frozen_teacher)
+    b, mb = step(state, batch, frozen_teacher)
+    assert float(ma["loss"]) == float(mb["loss"]) and float(ma["kd_loss"]) > 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+    assert int(a.step) == 1
+    # The next step draws other augmentation: same batch, different loss.
+    c, mc = step(a, batch, frozen_teacher)
+    assert float(mc["loss"]) != float(ma["loss"])
+    # EMA moved towards the new parameters, not onto them.
+    leaf = lambda t: jax.tree_util.tree_leaves(t)[0]
+    assert not np.allclose(leaf(a.ema_params), leaf(a.params))
+
+
+def test_teacher_class_count_mismatch_is_an_error(tmp_path, frozen_teacher):
+    from deit.teacher import check_teacher
+
+    with pytest.raises(ValueError, match="teacher predicts 10 classes but the student has 7"):
+        check_teacher(frozen_teacher, 7)
