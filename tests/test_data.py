@@ -117,7 +117,7 @@ def test_image_folder(tmp_path):
 def test_image_folder_errors(tmp_path):
     root = make_folder(tmp_path)
     (root / "train" / "cat" / "broken.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match="1 image\\(s\\) cannot be decoded: .*broken.jpg"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be decoded: .*broken\.jpg"):
         data.image_folder(root)
     train, _ = data.image_folder(root, bad_images="skip")
     assert len(train) == 6

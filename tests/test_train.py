@@ -112,7 +112,7 @@ def test_train_step_is_deterministic_and_teacher_gets_no_gradient(frozen_teacher
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     assert int(a.step) == 1
     # The next step draws other augmentation: same batch, different loss.
-    c, mc = step(a, batch, frozen_teacher)
+    _, mc = step(a, batch, frozen_teacher)
     assert float(mc["loss"]) != float(ma["loss"])
     # EMA moved towards the new parameters, not onto them.
     leaf = lambda t: jax.tree_util.tree_leaves(t)[0]
