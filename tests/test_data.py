@@ -22,25 +22,24 @@ def test_digits_split_is_fixed_and_stratified():
 
 
 def test_epoch_order_repeats_land_on_different_devices():
-    order = data.epoch_order(96, epoch=0, seed=0, global_batch=12, repeats=3, num_devices=4)
+    order = data.epoch_order(96, epoch=0, seed=0, global_batch=12, repeats=3)
     assert order.shape == (8, 12)
-    per_device = order.reshape(8, 4, 3)  # device-major shards of each global batch
-    for step in range(8):
-        shards = [set(per_device[step, d]) for d in range(4)]
-        # Each device sees distinct images; an image's copies sit on different devices.
-        for d in range(4):
-            assert len(shards[d]) == 3
-    flat = order.reshape(-1)
-    values, counts = np.unique(flat, return_counts=True)
+    for devices in (3, 4, 6, 12):
+        shards = order.reshape(8, devices, 12 // devices)  # contiguous shard per device
+        for step in range(8):
+            for d in range(devices):
+                # No device holds two copies of one image.
+                assert len(set(shards[step, d])) == 12 // devices
+    values, counts = np.unique(order, return_counts=True)
     assert counts.max() == 3 and len(values) == 32
     # Another epoch, another order; the same epoch, the same order.
-    assert not np.array_equal(order, data.epoch_order(96, 1, 0, 12, 3, 4))
-    np.testing.assert_array_equal(order, data.epoch_order(96, 0, 0, 12, 3, 4))
+    assert not np.array_equal(order, data.epoch_order(96, 1, 0, 12, 3))
+    np.testing.assert_array_equal(order, data.epoch_order(96, 0, 0, 12, 3))
 
 
 def test_epoch_order_rejects_batch_larger_than_data():
     with pytest.raises(ValueError, match="fewer than the global batch 64"):
-        data.epoch_order(10, 0, 0, 64, 1, 1)
+        data.epoch_order(10, 0, 0, 64, 1)
 
 
 def test_train_batches_deterministic_and_resumable():
@@ -64,7 +63,7 @@ def test_train_batches_deterministic_and_resumable():
 def test_process_shares_are_disjoint_and_cover_the_batch():
     src = data.arrays(np.zeros((48, 8, 8, 3), np.uint8), np.arange(48) % 3)
     cfg = small_cfg(repeats=1, randaugment=None)
-    whole = data.epoch_order(48, 0, 1, 12, 1, 4)
+    whole = data.epoch_order(48, 0, 1, 12, 1)
     shares = [
         list(
             data.train_batches(
@@ -73,7 +72,6 @@ def test_process_shares_are_disjoint_and_cover_the_batch():
                 seed=1,
                 epoch=0,
                 global_batch=12,
-                num_devices=4,
                 process_index=p,
                 process_count=2,
             )

@@ -138,11 +138,14 @@ def test_teacher_under_jit_takes_variables_as_argument(resnet8: tuple[ResNet, di
     assert len(jax.tree_util.tree_leaves(step.lower(teacher, images).args_info)) == n_leaves + 1
 
 
-def test_teacher_checks_image_shape(resnet8: tuple[ResNet, dict]) -> None:
+def test_teacher_resizes_and_checks_images(resnet8: tuple[ResNet, dict]) -> None:
     model, variables = resnet8
     teacher = Teacher.from_resnet(model, variables, MEAN, STD, image_size=32)
-    with pytest.raises(ValueError, match="16x16"):
-        teacher(_images(size=16))
+    # A student at 16x16 distils from a teacher trained at 32x32: the teacher sees the same
+    # images, resized to its own resolution.
+    small = _images(size=16)
+    resized = jax.image.resize(small, (small.shape[0], 32, 32, 3), method="bilinear")
+    np.testing.assert_allclose(teacher(small), teacher(resized), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         teacher(jnp.zeros((32, 32, 3)))
     with pytest.raises(ValueError, match="std"):

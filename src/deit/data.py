@@ -180,14 +180,14 @@ def load_sources(cfg: DataConfig) -> tuple[Source, Source]:
     return image_folder(cfg.dataset, cfg.bad_images)
 
 
-def epoch_order(
-    n: int, epoch: int, seed: int, global_batch: int, repeats: int, num_devices: int
-) -> np.ndarray:
+def epoch_order(n: int, epoch: int, seed: int, global_batch: int, repeats: int) -> np.ndarray:
     """Record indices of one epoch as `(steps, global_batch)`, the last partial batch dropped.
 
-    Repeated augmentation (Hoffer et al. 2020; DeiT §6): a shuffled third of the records, each
-    three times, so an epoch still has `n` samples. Within a batch the samples are dealt to devices
-    round-robin, so the repeats of one image land on different devices as in the official sampler.
+    Repeated augmentation (Hoffer et al. 2020; DeiT §6): a shuffled `1/repeats` of the records,
+    each `repeats` times, so an epoch still has `n` samples. Within a batch the copies of one
+    image sit `global_batch / repeats` apart: with 3 or more devices, each holding a contiguous
+    shard, they land on different devices (as the official sampler deals them out). The layout
+    does not depend on the device count, so 1 and 8 devices train on identical batches.
     """
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     order = np.repeat(rng.permutation(n), repeats)[:n]
@@ -197,8 +197,10 @@ def epoch_order(
             f"the training set has {n} samples, fewer than the global batch {global_batch}; "
             "use a smaller --batch-size"
         )
-    order = order[: steps * global_batch].reshape(steps, global_batch // num_devices, num_devices)
-    return order.transpose(0, 2, 1).reshape(steps, global_batch)
+    order = order[: steps * global_batch].reshape(steps, global_batch)
+    if repeats > 1 and global_batch % repeats == 0:
+        order = order.reshape(steps, global_batch // repeats, repeats).transpose(0, 2, 1)
+    return order.reshape(steps, global_batch)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,6 @@ def train_batches(
     seed: int,
     epoch: int,
     global_batch: int,
-    num_devices: int = 1,
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,
@@ -273,7 +274,7 @@ def train_batches(
     Yields `{"image": uint8 (L, H, W, 3), "label": int32 (L,)}` with `L = global_batch /
     process_count`; the processes' shares are disjoint and together are the global batch.
     """
-    order = epoch_order(len(source), epoch, seed, global_batch, cfg.repeats, num_devices)
+    order = epoch_order(len(source), epoch, seed, global_batch, cfg.repeats)
     local = global_batch // process_count
     positions = np.arange(order.size).reshape(order.shape)
     lo, hi = process_index * local, (process_index + 1) * local

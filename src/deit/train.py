@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 
 from deit import data as data_lib
 from deit import evaluate as eval_lib
@@ -297,7 +298,6 @@ def fit(
                 seed=cfg.seed,
                 epoch=epoch,
                 global_batch=global_batch,
-                num_devices=mesh.devices.size,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 start_step=step - epoch * spe,
@@ -349,12 +349,13 @@ def _export(
     cfg: TrainConfig,
     extra: dict[str, Any] | None,
 ) -> None:
+    variables = {"params": state.ema_params if ema else state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    # Collective: every process takes part in gathering FSDP shards / remote replicas.
+    variables = multihost_utils.process_allgather(variables, tiled=True)
     if jax.process_index() != 0:
         return
-    params = jax.device_get(state.ema_params if ema else state.params)
-    variables = {"params": params}
-    if state.batch_stats:
-        variables["batch_stats"] = jax.device_get(state.batch_stats)
     export.save_model(
         folder,
         model,

@@ -1,0 +1,67 @@
+"""A few training steps of a small DeiT on digits, run in its own process by `test_parallel.py`
+(the device count must be fixed before JAX starts). Writes the run folder given as --output.
+
+    python tests/parallel_worker.py --devices 4 --output DIR [--fsdp] [--dtype bfloat16]
+        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+"""
+
+import argparse
+import os
+import sys
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--coordinator", default=None)
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    args = p.parse_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+
+    import dataclasses
+
+    from deit import configs, data, parallel
+    from deit.model import create_model
+    from deit.optim import OptimConfig
+    from deit.train import fit
+
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    train_src, val_src = data.digits()
+    n = args.steps * args.batch
+    subset = data.Source(train_src.images[:n], train_src.labels[:n], train_src.classes)
+    val = data.Source(val_src.images[:40], val_src.labels[:40], val_src.classes)
+    base = configs.digits()
+    cfg = dataclasses.replace(
+        base,
+        epochs=1,
+        batch_size=args.batch,
+        output=args.output,
+        distillation="none",
+        fsdp=args.fsdp,
+        dtype=args.dtype,
+        data=dataclasses.replace(base.data, img_size=16),
+        optim=OptimConfig(lr=3e-3, warmup_epochs=0, epochs=1, ema_decay=None),
+        log_every=1,
+    )
+    # Wide enough that FSDP has arrays above its size threshold to split.
+    model = create_model(
+        "deit_test_distilled_patch4_32",
+        img_size=16,
+        embed_dim=128,
+        mlp_dim=512,
+        num_heads=4,
+        drop_path_rate=0.1,
+        dtype=args.dtype,
+    )
+    fit(model, cfg, subset, val)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
