@@ -45,6 +45,7 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint in {self.directory} to resume from")
+        self._check_layout(step, abstract_state)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -52,6 +53,27 @@ class Checkpoints:
             ),
         )
         return restored.state, dict(restored.meta)
+
+    def _check_layout(self, step: int, abstract_state: Any) -> None:
+        """ValueError naming the differing arrays when the checkpoint is of another model."""
+        saved = _shapes(self.manager.item_metadata(step)["state"].tree)
+        wanted = _shapes(abstract_state)
+        missing = sorted(set(wanted) - set(saved))
+        unexpected = sorted(set(saved) - set(wanted))
+        common = sorted(set(saved) & set(wanted))
+        shapes = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
+        if missing or unexpected or shapes:
+
+            def show(items: list[str]) -> str:
+                return ", ".join(items[:6]) + (
+                    f" (+{len(items) - 6} more)" if len(items) > 6 else ""
+                )
+
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} is of another model or "
+                f"config: missing [{show(missing)}], unexpected [{show(unexpected)}], shapes "
+                f"[{show(shapes)}]; resume with the flags of the run that wrote it"
+            )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -65,3 +87,15 @@ def abstract_like(state: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`{"params/blocks_0/attn/qkv/kernel": shape}` for a state or Orbax's metadata of one."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+    )[0]
+    out = {}
+    for path, leaf in flat:
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        out["/".join(parts)] = tuple(getattr(leaf, "shape", ()))
+    return out

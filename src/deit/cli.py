@@ -197,9 +197,17 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deit.train import Interrupted
+
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except Interrupted as stop:
+        print(f"deit {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except FloatingPointError as err:
+        print(f"deit {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
         print(f"deit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,6 +204,49 @@ def run_eval(
     return eval_lib.evaluate(lambda b: step_fn(parallel.put_batch(b, mesh)), batches)
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, output: Path) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; a checkpoint is saved in {output}/checkpoints; "
+            f"continue with: deit train --resume --output {output} (and the same flags)"
+        )
+
+
+class StopSignals:
+    """Turn SIGTERM and SIGINT into a request the loop honours between steps (preemption-safe:
+    the step in flight completes, a checkpoint is written, then the run exits)."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_finite(values: dict[str, float], step: int, ckpts: Checkpoints) -> None:
+    """Stop before a non-finite state can be checkpointed (the last one written stays good)."""
+    if not np.isfinite(values["loss"]):
+        ckpts.wait()
+        last = ckpts.latest_step()
+        raise FloatingPointError(
+            f"loss is {values['loss']} at step {step}; stopped without saving it. The last good "
+            f"checkpoint (step {last}) is in {ckpts.directory}. Lower --lr or add gradient "
+            "clipping, then resume with --resume"
+        )
+
+
 def evaluate_state(
     eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
     state: TrainState,
@@ -290,6 +335,7 @@ def fit(
     logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
     step = int(state.step)
     results: dict[str, Any] = {}
+    stop = StopSignals()
     try:
         for epoch in range(step // spe, cfg.epochs):
             batches = data_lib.train_batches(
@@ -308,19 +354,19 @@ def fit(
                 step += 1
                 seen += global_batch
                 logger.advance(step)
-                if step % cfg.log_every == 0 or step == (epoch + 1) * spe:
+                stopping = stop.requested is not None
+                saving = step % cfg.checkpoint_every == 0 or stopping
+                if saving or step % cfg.log_every == 0 or step == (epoch + 1) * spe:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not np.isfinite(values["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {values['loss']} at step {step}; the last good checkpoint "
-                            f"is kept in {ckpts.directory}; lower --lr or enable gradient clipping"
-                        )
+                    _check_finite(values, step, ckpts)
                     now = time.perf_counter()
                     values["img_per_s"] = seen / max(now - tick, 1e-9)
                     tick, seen = now, 0
                     logger.log_train(step, epoch, values)
-                if step % cfg.checkpoint_every == 0:
-                    ckpts.save(step, state, {"best": best, "epoch": epoch})
+                if saving:
+                    ckpts.save(step, state, {"best": best, "epoch": epoch}, wait=stopping)
+                if stopping:
+                    raise Interrupted(stop.requested, step, out)
             results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
             logger.log_eval(step, epoch, results)
             which = max(results, key=lambda k: results[k]["avg"]["top1"])
@@ -333,6 +379,7 @@ def fit(
             results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
         _export(out / "final", model, state, False, train_src, cfg, extra_meta)
     finally:
+        stop.restore()
         ckpts.close()
         logger.close()
     results["best"] = best
