@@ -124,3 +124,33 @@ def test_teacher_class_count_mismatch_is_an_error(tmp_path, frozen_teacher):
 
     with pytest.raises(ValueError, match="teacher predicts 10 classes but the student has 7"):
         check_teacher(frozen_teacher, 7)
+
+
+def test_bfloat16_training_keeps_float32_state_and_learns():
+    """Mixed precision: bf16 compute, float32 parameters, optimizer state and loss."""
+    model = deit.create_model("deit_test_distilled_patch4_32", img_size=16, dtype="bfloat16")
+    tx, schedule = create_optimizer(OptimConfig(lr=2e-3, warmup_epochs=0, epochs=1), 32, 40)
+    off = MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, label_smoothing=0.0)
+    cfg = train.StepConfig(10, data.IMAGENET_MEAN, data.IMAGENET_STD, off, ErasingConfig(prob=0.0))
+    state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
+    step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
+    train_src, _ = data.digits()
+    batch = next(
+        data.train_batches(
+            train_src,
+            dataclasses.replace(configs.digits().data, img_size=16),
+            seed=0,
+            epoch=0,
+            global_batch=32,
+        )
+    )
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert metrics["loss"].dtype == jnp.float32
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # 2.2 -> 1.64 measured
