@@ -6,7 +6,6 @@ docstring says what it reproduces and what to expect.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from deit.augment import ErasingConfig, MixupConfig
@@ -139,8 +138,3 @@ def recipe(name: str) -> TrainConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
     return RECIPES[name]()
-
-
-def replace(cfg: TrainConfig, **changes: object) -> TrainConfig:
-    """`dataclasses.replace` with validation of the new values (nested configs too)."""
-    return dataclasses.replace(cfg, **changes)
