@@ -23,6 +23,12 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # Named handlers: a fresh process (a resumed run) can then read the metadata of a
+            # checkpoint before restoring it (`_check_layout`).
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:

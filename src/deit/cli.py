@@ -14,7 +14,12 @@ from pathlib import Path
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (and distil) a DeiT; no flags: the built-in data set")
-    p.add_argument("--recipe", default=None, help="digits (default without --data) or imagenet")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="digits (default without --data), imagenet (with --data), finetune (with "
+        "--finetune) or finetune-384",
+    )
     p.add_argument("--data", default=None, help="image folder with train/<class>/ and val/<class>/")
     p.add_argument("--model", default=None, help="a registered variant (see deit info)")
     p.add_argument("--teacher", default=None, help="exported model folder, or a ResNet name")
@@ -32,8 +37,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--bad-images", choices=("error", "skip"), default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=None, help="steps between logged metrics")
     p.add_argument("--fsdp", action="store_true", help="shard parameters over the devices")
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
+    p.add_argument(
+        "--finetune",
+        default=None,
+        metavar="CKPT",
+        help="start from an exported DeiT (deit convert output or a run's final/)",
+    )
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -42,7 +55,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def train_config(args: argparse.Namespace):  # -> TrainConfig
     from deit import configs
 
-    cfg = configs.recipe(args.recipe or ("imagenet" if args.data else "digits"))
+    if args.finetune and args.model:
+        raise ValueError("--model and --finetune: the fine-tuned network is the checkpoint's")
+    default = "finetune" if args.finetune else "imagenet" if args.data else "digits"
+    cfg = configs.recipe(args.recipe or default)
     data = {"dataset": args.data, "img_size": args.img_size, "workers": args.workers}
     data["bad_images"] = args.bad_images
     data = {k: v for k, v in data.items() if v is not None}
@@ -58,8 +74,13 @@ def train_config(args: argparse.Namespace):  # -> TrainConfig
         "seed": args.seed,
         "output": args.output,
         "dtype": args.dtype,
+        "checkpoint_every": args.checkpoint_every,
+        "log_every": args.log_every,
     }
     top = {k: v for k, v in top.items() if v is not None}
+    for flag in ("checkpoint_every", "log_every"):
+        if top.get(flag, 1) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {top[flag]}; expected 1 or more steps")
     if args.fsdp:
         top["fsdp"] = True
     if data:
@@ -101,10 +122,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from deit import parallel
 
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
-    from deit.run import train_and_evaluate
+    from deit.run import finetune, train_and_evaluate
 
     cfg = train_config(args)
-    summary = train_and_evaluate(cfg, resume=args.resume)
+    if args.finetune:
+        summary = finetune(cfg, args.finetune, resume=args.resume)
+    else:
+        summary = train_and_evaluate(cfg, resume=args.resume)
     import jax
 
     if jax.process_index() == 0:
@@ -145,6 +169,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from deit import visualize
+
+    if args.images and not args.checkpoint:
+        raise ValueError("image files need --checkpoint DIR: the model whose attention to draw")
+    if not args.checkpoint and not args.run:
+        raise ValueError("nothing to draw; expected --checkpoint DIR IMAGE... and/or --run DIR")
+    written = []
+    if args.checkpoint:
+        out = args.out or "visualize"
+        written += visualize.visualize_checkpoint(
+            args.checkpoint, args.images, out, together=args.together
+        )
+    if args.run:
+        written += visualize.visualize_run(args.run, args.out)
+    for path in written:
+        print(f"wrote {path}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
@@ -158,6 +201,57 @@ def cmd_info(args: argparse.Namespace) -> None:
         params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
         count = deit.param_count(params)
         print(f"{name:36} {count:>12,} {deit.flops_per_image(model) / 1e9:10.2f}")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="images/s and FLOP rate against timm, interleaved, one run")
+    p.add_argument("--models", nargs="+", default=None, help="default: Ti and S, distilled")
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8 32 64")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--train-models", nargs="*", default=None, help="none: no training step")
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--teacher", default=None, help="ResNet teacher of the training step")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
+    p.add_argument("--min-seconds", type=float, default=None, help="per case and round")
+    p.add_argument("--no-timm", action="store_true", help="skip the timm reference")
+    p.add_argument("--compile-batches", nargs="*", type=int, default=None,
+                   help="torch.compile the reference at these batches; none: never")  # fmt: skip
+    p.add_argument("--no-compile-train", action="store_true")
+    p.add_argument("--pipeline-workers", nargs="*", type=int, default=None)
+    p.add_argument("--out", default="bench.json", help="results as JSON")
+    p.add_argument("--markdown", default=None, help="also write the tables here")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import shlex
+
+    from deit import bench, bench_report
+
+    names = ("models", "batches", "dtypes", "train_models", "train_batch", "teacher", "rounds")
+    names += ("min_seconds", "compile_batches", "pipeline_workers")
+    fields = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    cfg = bench.BenchConfig(
+        **fields, timm=not args.no_timm, compile_train=not args.no_compile_train
+    )
+    result = bench.run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    script = sys.argv[0]
+    prog = ["python", script] if script.endswith(".py") else ["deit"]
+    result["command"] = shlex.join([*prog, *sys.argv[1:]])
+    result["targets"] = bench_report.targets(result)
+    text = "\n\n".join(
+        [
+            bench_report.markdown(result),
+            bench_report.notes(result),
+            bench_report.format_targets(result["targets"]),
+            f"`{result['command']}`",
+        ]
+    )
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    print(text)
+    print(f"results: {Path(args.out).absolute()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--drop-heads", action="store_true", help="fresh heads (fine-tuning)")
     p.add_argument("--to", choices=("flax", "timm"), default="flax")
+    p = sub.add_parser("visualize", help="CLS/DIST attention maps of images; a run's curves")
+    p.add_argument("--checkpoint", default=None, help="run folder or exported model folder")
+    p.add_argument("--run", default=None, help="run folder: training curves and per-head table")
+    p.add_argument("--out", default=None, help="output folder (default: ./visualize, or --run)")
+    p.add_argument("--together", action="store_true", help="all images in one attention.png")
+    p.add_argument("images", nargs="*", help="image files (with --checkpoint)")
     sub.add_parser("info", help="registered variants with parameter counts and FLOPs")
+    _bench_parser(sub)
     return parser
 
 
@@ -191,7 +292,9 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "convert": cmd_convert,
+    "visualize": cmd_visualize,
     "info": cmd_info,
+    "bench": cmd_bench,
 }
 
 

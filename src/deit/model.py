@@ -221,6 +221,30 @@ def flops_per_image(model: DeiT) -> int:
     return patch + model.depth * block + heads * 2 * d * model.num_classes
 
 
+def forward_with_attention(
+    model: DeiT, variables: dict, images: jax.Array | np.ndarray
+) -> tuple[DeiTOutput, list[jax.Array], list[jax.Array]]:
+    """Eval-mode outputs plus what every block computed: `(output, attn, tokens)`.
+
+    `attn[i]` is block `i`'s softmax attention `(B, heads, T, T)` (rows: queries, summing to 1),
+    `tokens[i]` its output `(B, T, D)` before the final norm; `T = prefix + N`, token 0 is the
+    class token and token 1 the distillation token of a distilled model. A single `(H, W, C)`
+    image gives the three without the batch axis. Only this clone sows (`capture=True`), so the
+    plain model's training and inference graphs stay free of the extra outputs.
+    """
+    images = jnp.asarray(images)
+    capturing = model.clone(capture=True)
+    run = jax.jit(lambda v, x: capturing.apply(v, x, mutable=["intermediates"]))
+    out, state = run({"params": variables["params"]}, images)
+    blocks = [state["intermediates"][f"blocks_{i}"] for i in range(model.depth)]
+    # `sow` appends to a tuple; each block runs once, so each tuple holds one array.
+    attn = [b["attn"]["attn"][0] for b in blocks]
+    tokens = [b["tokens"][0] for b in blocks]
+    if images.ndim == 3:
+        attn, tokens = [a[0] for a in attn], [t[0] for t in tokens]
+    return out, attn, tokens
+
+
 def resample_pos_embed(
     pos_embed: jax.Array | np.ndarray,
     new_grid: tuple[int, int],

@@ -1,5 +1,5 @@
-"""Whole runs, as the CLI offers them: train (teacher first when needed) and evaluate, evaluate an
-exported model, predict classes of image files.
+"""Whole runs, as the CLI offers them: train (teacher first when needed) and evaluate, fine-tune an
+exported model, evaluate an exported model, predict classes of image files.
 """
 
 from __future__ import annotations
@@ -10,20 +10,46 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from deit import data as data_lib
 from deit import export, parallel
 from deit.configs import TrainConfig
-from deit.model import DeiT, create_model
+from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.train import fit, make_eval_step, make_teacher_eval_step, run_eval
 from deit.transforms import decode_image, eval_transform
+from deit.variants import VARIANTS
+
+
+def load_exported(folder: str | Path) -> tuple[Any, dict, dict[str, Any]]:
+    """`export.load_model`, with a one-line ValueError naming the differing arrays when the
+    weights do not fit the architecture in `config.json` (instead of Flax's error mid-apply)."""
+    model, variables, config = export.load_model(folder)
+    size = _model_size(model) if isinstance(model, DeiT) else int(config.get("img_size") or 32)
+    x = jax.ShapeDtypeStruct((1, size, size, getattr(model, "in_chans", 3)), jnp.float32)
+    shapes = lambda tree: {k: tuple(v.shape) for k, v in flatten_dict(tree, sep="/").items()}
+    wanted = shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+    saved = shapes(variables)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    common = sorted(set(saved) & set(wanted))
+    wrong = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
+    if missing or unexpected or wrong:
+        show = lambda items: ", ".join(items[:6]) + (f" (+{len(items) - 6})" if items[6:] else "")
+        raise ValueError(
+            f"the weights in {folder} do not fit its {export.CONFIG}: missing [{show(missing)}], "
+            f"unexpected [{show(unexpected)}], shapes [{show(wrong)}]; expected a folder written "
+            "by deit train or deit convert, unchanged"
+        )
+    return model, variables, config
 
 
 def teacher_from_export(folder: str | Path) -> Teacher:
     """A frozen teacher from an exported model folder (a trained ResNet or any DeiT)."""
-    model, variables, config = export.load_model(folder)
+    model, variables, config = load_exported(folder)
     mean = config.get("mean", data_lib.IMAGENET_MEAN)
     std = config.get("std", data_lib.IMAGENET_STD)
     if isinstance(model, DeiT):
@@ -62,10 +88,7 @@ def resolve_teacher(
     out = Path(cfg.output).absolute() / "teacher"
     final = out / "final"
     if not (final / export.CONFIG).is_file():
-        tcfg = _teacher_config(
-            dataclasses.replace(cfg, teacher_cfg=dataclasses.replace(cfg.teacher_cfg, arch=name)),
-            out,
-        )
+        tcfg = _teacher_config(cfg, out)
         model = create_teacher(name, len(train_src.classes), small_input=cfg.data.img_size < 64)
         fit(
             model,
@@ -78,17 +101,77 @@ def resolve_teacher(
     return teacher_from_export(final), final
 
 
-def train_and_evaluate(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """`deit train`: data, optional teacher, the student; writes `OUTPUT/results.json`."""
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """An exported DeiT to start a run from: its module, its params and the folder it came from."""
+
+    model: DeiT
+    params: dict
+    path: str
+
+
+def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0) -> dict:
+    """`src`'s params fitted to `dst`: the same network at another resolution or class count.
+
+    `pos_embed (1, prefix + N_src, D)` is resampled to `dst.grid` (bicubic on the patch grid,
+    the cls/dist rows kept as they are; `model.resample_pos_embed`), and the heads are freshly
+    initialised from `rng` when the class count differs; everything else is copied. This is what
+    the official `main.py --finetune` does: it interpolates the position embedding and drops
+    `head` / `head_dist` of the wrong shape.
+    """
+    fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "distilled")
+    fields += ("with_dist_head",)
+    differ = [
+        f"{f} {getattr(src, f)} -> {getattr(dst, f)}"
+        for f in fields
+        if getattr(src, f) != getattr(dst, f)
+    ]
+    if differ:
+        raise ValueError(
+            f"cannot start from this checkpoint: the architecture differs ({', '.join(differ)}); "
+            "only the image size and the class count may change"
+        )
+    out = dict(params)
+    out["pos_embed"] = resample_pos_embed(
+        params["pos_embed"], dst.grid, src.num_prefix_tokens, old_grid=src.grid
+    )
+    if src.num_classes != dst.num_classes:
+        fresh = init_params(dst, rng)
+        for head in ("cls_head", "dist_head"):
+            out.pop(head, None)
+            if head in fresh:
+                out[head] = fresh[head]
+    return out
+
+
+def train_and_evaluate(
+    cfg: TrainConfig, *, resume: bool = False, pretrained: Pretrained | None = None
+) -> dict[str, Any]:
+    """`deit train`: data, optional teacher, the student; writes `OUTPUT/results.json`.
+
+    With `pretrained` the student is that network (at `cfg`'s image size and the data's class
+    count, see `adapt_params`) and starts from its weights instead of a fresh init.
+    """
     train_src, val_src = data_lib.load_sources(cfg.data)
     num_classes = len(train_src.classes)
-    student = create_model(
-        cfg.model,
-        num_classes=num_classes,
-        img_size=cfg.data.img_size,
-        drop_path_rate=cfg.drop_path_rate,
-        dtype=cfg.dtype,
-    )
+    init = None
+    if pretrained is None:
+        student = create_model(
+            cfg.model,
+            num_classes=num_classes,
+            img_size=cfg.data.img_size,
+            drop_path_rate=cfg.drop_path_rate,
+            dtype=cfg.dtype,
+        )
+    else:
+        student = pretrained.model.clone(
+            num_classes=num_classes,
+            img_size=cfg.data.img_size,
+            drop_path_rate=cfg.drop_path_rate,
+            dtype=cfg.dtype,
+            capture=False,
+        )
+        init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
     teacher, teacher_path = None, None
     if cfg.distillation != "none":
         teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume)
@@ -100,7 +183,11 @@ def train_and_evaluate(cfg: TrainConfig, *, resume: bool = False) -> dict[str, A
         val_src,
         teacher=teacher,
         resume=resume,
-        extra_meta={"variant": cfg.model},
+        extra_meta={
+            "variant": cfg.model,
+            **({"finetuned_from": pretrained.path} if pretrained else {}),
+        },
+        init_params=init,
     )
     summary: dict[str, Any] = {
         "model": cfg.model,
@@ -112,6 +199,8 @@ def train_and_evaluate(cfg: TrainConfig, *, resume: bool = False) -> dict[str, A
     if "val_ema" in results:
         summary["val_ema"] = results["val_ema"]
     summary["best"] = results["best"]
+    if pretrained is not None:
+        summary["finetuned_from"] = pretrained.path
     if teacher is not None:
         mesh = parallel.make_mesh()
         summary["teacher"] = run_eval(
@@ -143,7 +232,7 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
     folder = _exported(checkpoint)
-    model, variables, config = export.load_model(folder)
+    model, variables, config = load_exported(folder)
     cfg = data_lib.DataConfig(
         dataset=data,
         img_size=int(config.get("img_size", _model_size(model))),
@@ -176,7 +265,7 @@ def predict(
 ) -> list[list[tuple[str, float]]]:
     """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
     folder = _exported(checkpoint)
-    model, variables, config = export.load_model(folder)
+    model, variables, config = load_exported(folder)
     size = int(config.get("img_size", _model_size(model)))
     mean = np.asarray(config.get("mean", data_lib.IMAGENET_MEAN), np.float32)
     std = np.asarray(config.get("std", data_lib.IMAGENET_STD), np.float32)
@@ -198,3 +287,41 @@ def predict(
     k = min(top, probs.shape[-1])
     order = np.argsort(-probs, axis=-1)[:, :k]
     return [[(classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+
+def _variant_at(name: str | None, img_size: int) -> str:
+    """The registered name of variant `name` at `img_size` (base 224 -> base 384), if any."""
+    spec = VARIANTS.get(name or "")
+    if spec is None:
+        return name or "DeiT"
+    keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "distilled")
+    same = [
+        n
+        for n, s in VARIANTS.items()
+        if s.img_size == img_size and all(getattr(s, k) == getattr(spec, k) for k in keys)
+    ]
+    return same[0] if same else name
+
+
+def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """`deit train --finetune CKPT`: `train_and_evaluate` from an exported DeiT.
+
+    `checkpoint` is a `deit convert` output or a run (its `final/`). The network is the
+    checkpoint's, at `cfg.data.img_size` with the data's class count (`adapt_params`); its
+    normalisation (mean, std) is kept, since the weights were trained on it. Everything else
+    (optimiser, augmentation, `--distillation`/`--teacher`) comes from `cfg`.
+    """
+    folder = _exported(checkpoint)
+    model, variables, config = load_exported(folder)
+    if not isinstance(model, DeiT):
+        raise ValueError(f"{folder} holds a {type(model).__name__}; --finetune needs a DeiT")
+    spec = VARIANTS.get(config.get("variant", ""))
+    mean = config.get("mean", spec.mean if spec else cfg.data.mean)
+    std = config.get("std", spec.std if spec else cfg.data.std)
+    cfg = dataclasses.replace(
+        cfg,
+        model=_variant_at(config.get("variant"), cfg.data.img_size),
+        data=dataclasses.replace(cfg.data, mean=tuple(mean), std=tuple(std)),
+    )
+    pretrained = Pretrained(model, variables["params"], str(folder.absolute()))
+    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained)

@@ -88,12 +88,18 @@ def init_state(
     cfg: StepConfig,
     seed: int,
     image_shape: tuple[int, ...],
+    params: Any = None,
 ) -> TrainState:
+    """A fresh state; `params` (e.g. a checkpoint adapted for fine-tuning) replace the init."""
     key = jax.random.PRNGKey(seed)
     init_key, state_key = jax.random.split(key)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32)))(
-        init_key
-    )
+    if params is None:
+        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32)))(
+            init_key
+        )
+    else:
+        # Copies: the jitted step donates the state, which must not invalidate the caller's arrays.
+        variables = {"params": jax.tree_util.tree_map(jnp.array, params)}
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -281,8 +287,11 @@ def fit(
     resume: bool = False,
     title: str = "student",
     extra_meta: dict[str, Any] | None = None,
+    init_params: dict | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_src` with `cfg`, evaluating on `val_src` every epoch.
+
+    `init_params` start the run instead of a fresh init (fine-tuning); a resumed run ignores them.
 
     Writes to `cfg.output`: `metrics.jsonl`, TensorBoard events, `checkpoints/` (Orbax),
     `best/` and `final/` (exported models, see `export.py`). Returns the final evaluation.
@@ -313,7 +322,7 @@ def fit(
         ema_decay=optim_cfg.ema_decay,
     )
     image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
-    state = init_state(model, tx, step_cfg, cfg.seed, image_shape)
+    state = init_state(model, tx, step_cfg, cfg.seed, image_shape, init_params)
     shardings = parallel.state_shardings(state, mesh, cfg.fsdp)
     state = jax.device_put(state, shardings)
     ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
@@ -355,8 +364,11 @@ def fit(
                 seen += global_batch
                 logger.advance(step)
                 stopping = stop.requested is not None
-                saving = step % cfg.checkpoint_every == 0 or stopping
-                if saving or step % cfg.log_every == 0 or step == (epoch + 1) * spe:
+                last = step == (epoch + 1) * spe
+                # The epoch's last step is saved after the evaluation below (with the new best);
+                # saving it here too would make Orbax refuse the second save of the step.
+                saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
+                if saving or step % cfg.log_every == 0 or last:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     _check_finite(values, step, ckpts)
                     now = time.perf_counter()
