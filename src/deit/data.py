@@ -123,21 +123,23 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _check_decodable(paths: list[Path], labels: list[int], bad_images: str) -> tuple[list, list]:
-    bad = []
+    bad, first_reason = [], ""
     for path in paths:
         try:
             decode_image(path)
-        except ValueError:
+        except ValueError as err:
             bad.append(path)
+            first_reason = first_reason or str(err).split(": ", 1)[-1]
     if bad and bad_images == "error":
         shown = ", ".join(str(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise ValueError(
-            f"{len(bad)} image(s) cannot be decoded: {shown}; fix or remove them, or pass "
-            "--bad-images skip"
+            f"{len(bad)} image(s) cannot be decoded: {shown} (the first: {first_reason}); fix or "
+            "remove them, or pass --bad-images skip"
         )
     if bad:
         print(f"skipped {len(bad)} image(s) that cannot be decoded")
-        keep = [i for i, p in enumerate(paths) if p not in set(bad)]
+        skipped = set(bad)
+        keep = [i for i, p in enumerate(paths) if p not in skipped]
         return [paths[i] for i in keep], [labels[i] for i in keep]
     return paths, labels
 
@@ -166,7 +168,10 @@ def image_folder(root: str | Path, bad_images: str = "error") -> tuple[Source, S
                 p for p in (root / split / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
             )
             if not files:
-                raise ValueError(f"class folder {root / split / name} holds no images")
+                raise ValueError(
+                    f"class folder {root / split / name} holds no images; expected files ending "
+                    f"in {', '.join(IMAGE_SUFFIXES)}"
+                )
             paths += files
             labels += [label] * len(files)
         paths, labels = _check_decodable(paths, labels, bad_images)

@@ -1,0 +1,295 @@
+"""What a user gets for bad input, at the command line: one line on stderr naming the value and
+what was expected, exit code 2; or, for images PIL can read in an unusual mode, a conversion.
+
+The library-level details (every decode mode, each validation message) live in test_data.py,
+test_transforms.py, test_convert.py and test_cli.py; here each bad input goes through `deit`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import deit
+from deit import cli, export
+from deit.teacher import create_teacher
+
+MODEL = "deit_test_distilled_patch4_32"
+CLASSES = ["cat", "dog"]
+
+
+def make_folder(root, classes=CLASSES, per_class=3, size=12):
+    """`root/{train,val}/<class>/<i>.png`, random `size x size` RGB images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def train_args(root, tmp_path, *extra):
+    args = ["train", "--data", str(root), "--output", str(tmp_path / "run"), "--model", MODEL]
+    args += ["--img-size", "16", "--distillation", "none", "--epochs", "1", "--workers", "0"]
+    return [*args, "--batch-size", "8", *extra]
+
+
+def one_line_error(capsys, argv) -> str:
+    """Runs `deit ARGV`, checks exit code 2 and a single stderr line, returns that line."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"deit {argv[0]}: error: ")
+    return err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An exported (untrained) tiny DeiT for the classes cat and dog, at 16x16."""
+    model = deit.create_model(MODEL, num_classes=2, img_size=16)
+    folder = tmp_path_factory.mktemp("model")
+    export.save_model(
+        folder, model, {"params": deit.init_params(model, 0)}, classes=CLASSES, img_size=16
+    )
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not images
+
+
+def _truncated_jpeg() -> bytes:
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]
+
+
+UNDECODABLE = {
+    "zero-byte": b"",
+    "truncated-jpeg": _truncated_jpeg(),
+    "text-named-jpg": b"these are my holiday notes, not a photo\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNDECODABLE))
+def test_undecodable_file(kind, tmp_path, model_dir, capsys):
+    root = make_folder(tmp_path / "data")
+    bad = root / "train" / "dog" / "bad.jpg"
+    bad.write_bytes(UNDECODABLE[kind])
+    err = one_line_error(capsys, train_args(root, tmp_path))
+    assert f"1 image(s) cannot be decoded: {bad} (the first: " in err
+    assert "--bad-images skip" in err
+    err = one_line_error(capsys, ["predict", "--checkpoint", model_dir, bad])
+    assert f"cannot decode image {bad}: " in err
+
+
+def test_bad_images_error_lists_every_offending_path(tmp_path, capsys):
+    root = make_folder(tmp_path / "data")
+    bad = [root / "train" / "cat" / "empty.png", root / "train" / "dog" / "notes.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    err = one_line_error(capsys, train_args(root, tmp_path, "--bad-images", "error"))
+    assert f"2 image(s) cannot be decoded: {bad[0]}, {bad[1]} (the first: " in err
+    assert one_line_error(capsys, train_args(root, tmp_path)) == err  # error is the default
+
+
+def test_image_over_the_decompression_bomb_limit(tmp_path, model_dir, monkeypatch, capsys):
+    root = make_folder(tmp_path / "data")
+    big = root / "val" / "cat" / "0.png"  # 144 pixels, more than twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    err = one_line_error(capsys, ["predict", "--checkpoint", model_dir, big])
+    assert f"cannot decode image {big}: over the decompression-bomb limit" in err
+    assert "MAX_IMAGE_PIXELS=50" in err
+    err = one_line_error(capsys, train_args(root, tmp_path))
+    assert "6 image(s) cannot be decoded" in err and "decompression-bomb limit" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in unusual modes: converted to RGB, not refused
+
+
+def _image(mode: str) -> tuple[Image.Image, str, dict]:
+    rgb = np.random.default_rng(2).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    if mode == "I;16":
+        wide = (np.arange(144, dtype=np.uint16).reshape(12, 12) * 450).astype(np.uint16)
+        return Image.fromarray(wide), "png", {}
+    if mode == "1x1":
+        return Image.fromarray(rgb[:1, :1]), "png", {}
+    image = Image.fromarray(rgb).convert(mode)
+    if mode == "P":
+        return image, "png", {"transparency": 0}
+    return image, "jpg" if mode in ("CMYK", "L") else "png", {}
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "L", "LA", "RGBA", "1", "1x1"])
+def test_unusual_image_modes_are_converted(mode, tmp_path, model_dir, capsys):
+    image, suffix, options = _image(mode)
+    path = tmp_path / f"image.{suffix}"
+    image.save(path, **options)
+    assert cli.main(["predict", "--checkpoint", str(model_dir), str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(path)
+    assert sorted(line.split()[-1] for line in lines[1:]) == CLASSES
+    assert sum(float(line.split("%")[0]) for line in lines[1:]) == pytest.approx(100, abs=0.02)
+
+
+def test_stray_files_are_ignored_and_modes_converted_in_a_folder(tmp_path, model_dir, capsys):
+    root = make_folder(tmp_path / "data")
+    for i, mode in enumerate(["CMYK", "I;16", "P", "L", "RGBA", "1x1"]):
+        image, suffix, options = _image(mode)
+        image.save(root / "val" / CLASSES[i % 2] / f"mode{i}.{suffix}", **options)
+    for name in ("notes.txt", ".DS_Store", "README", "labels.csv"):
+        (root / "val" / "cat" / name).write_text("not an image")
+        (root / "train" / "dog" / name).write_text("not an image")
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", model_dir, "--data", root, "--batch-size", "4"]
+    assert cli.main([str(a) for a in [*argv, "--out", report]]) == 0
+    assert json.loads(report.read_text())["avg"]["count"] == 2 * 3 + 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder layouts
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    root = make_folder(tmp_path / "data")
+    (root / "train" / "bird").mkdir()
+    (root / "val" / "bird").mkdir()
+    (root / "train" / "bird" / "photo.heic").write_bytes(b"\0")
+    err = one_line_error(capsys, train_args(root, tmp_path))
+    assert f"class folder {root / 'train' / 'bird'} holds no images; expected files" in err
+    assert ".jpg" in err
+
+
+def test_no_class_folders(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    Image.new("RGB", (12, 12)).save(root / "train" / "loose.png")  # images must sit in classes
+    err = one_line_error(capsys, train_args(root, tmp_path))
+    assert f"{root / 'train'} has no class folders; expected" in err
+
+
+def test_different_classes_in_train_and_val(tmp_path, capsys):
+    root = make_folder(tmp_path / "data")
+    (root / "val" / "cat").rename(root / "val" / "kitten")
+    (root / "val" / "bird").mkdir()
+    Image.new("RGB", (12, 12)).save(root / "val" / "bird" / "0.png")
+    err = one_line_error(capsys, train_args(root, tmp_path))
+    assert "only in train ['cat'], only in val ['bird', 'kitten']" in err
+    assert "expected the same classes in both" in err
+
+
+@pytest.mark.slow
+def test_bad_images_skip_reports_the_count_and_trains(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", per_class=8)
+    (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "dog" / "cut.jpg").write_bytes(_truncated_jpeg())
+    (root / "val" / "dog" / "notes.jpg").write_text("not an image")
+    assert cli.main(train_args(root, tmp_path, "--bad-images", "skip")) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 image(s) that cannot be decoded" in out  # train
+    assert "skipped 1 image(s) that cannot be decoded" in out  # val
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["val"]["avg"]["count"] == 2 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and teachers that do not fit
+
+
+def test_weights_that_do_not_fit_their_config(tmp_path, model_dir, capsys):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / export.WEIGHTS).write_bytes((model_dir / export.WEIGHTS).read_bytes())
+    config = json.loads((model_dir / export.CONFIG).read_text())
+    config["fields"]["depth"] = 3  # one block more than the weights hold
+    (folder / export.CONFIG).write_text(json.dumps(config))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (12, 12)).save(image)
+    err = one_line_error(capsys, ["predict", "--checkpoint", folder, image])
+    assert f"the weights in {folder} do not fit its config.json: missing [params/blocks_2/" in err
+    root = make_folder(tmp_path / "data")
+    err = one_line_error(capsys, ["eval", "--checkpoint", folder, "--data", root])
+    assert "missing [params/blocks_2/attn/proj/bias" in err
+
+
+def test_teacher_with_another_class_count(tmp_path, capsys):
+    teacher = create_teacher("resnet8", 3, small_input=True)
+    variables = jax.jit(lambda k: teacher.init(k, jnp.zeros((1, 16, 16, 3))))(jax.random.PRNGKey(0))
+    folder = tmp_path / "teacher"
+    export.save_model(folder, teacher, dict(variables), classes=["a", "b", "c"], img_size=16)
+    root = make_folder(tmp_path / "data")
+    argv = train_args(root, tmp_path, "--distillation", "hard", "--teacher", folder)
+    err = one_line_error(capsys, argv)
+    assert "teacher predicts 3 classes but the student has 2" in err
+
+
+class Payload:
+    """Pickles as a call to os.system: plain `pickle.load` of it would create `marker`."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("layout", ["plain-pickle", "torch-zip"])
+def test_pickle_naming_a_disallowed_global_is_refused(layout, tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.pth"
+    payload = pickle.dumps({"model": {"w": [1.0]}, "x": Payload(marker)}, protocol=2)
+    if layout == "plain-pickle":
+        evil.write_bytes(payload)
+    else:
+        with zipfile.ZipFile(evil, "w") as archive:
+            archive.writestr("evil/data.pkl", payload)
+            archive.writestr("evil/version", "3\n")
+    err = one_line_error(capsys, ["convert", evil, "--out", tmp_path / "out"])
+    assert f"refusing to load {evil}: it names posix.system" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags out of range (the unknown model and recipe, α = 2, τ = 0 and lr -1 are in test_cli.py)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "7"], "global batch 7 does not divide by the 2 devices; expected a "),
+        (["--batch-size", "0"], "batch size 0; expected a positive number"),
+        (["--batch-size", "4096"], "1437 images, fewer than the batch 4096"),
+        (["--alpha", "-0.1"], "alpha -0.1 is outside [0, 1]"),
+        (["--tau", "-2"], "tau -2.0; expected a positive temperature"),
+        (["--lr", "0"], "lr 0.0"),
+        (["--epochs", "0"], "epochs 0; expected a positive number"),
+        (["--img-size", "0"], "img_size 0; expected a positive size"),
+        (["--workers", "-1"], "workers -1; expected 0 (in-process) or more"),
+        (["--checkpoint-every", "0"], "--checkpoint-every 0; expected 1 or more steps"),
+        (["--log-every", "-5"], "--log-every -5; expected 1 or more steps"),
+        (
+            ["--distillation", "hard", "--teacher", "/nonexistent/teacher"],
+            "teacher '/nonexistent/teacher' is neither an exported model folder nor one of",
+        ),
+    ],
+)
+def test_out_of_range_train_flags(flags, message, tmp_path, capsys):
+    argv = ["train", "--output", tmp_path / "run", "--model", MODEL, "--img-size", "16"]
+    argv += ["--distillation", "none", *flags]
+    assert message in one_line_error(capsys, argv)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,331 @@
+"""Runs that survive: a SIGKILL at any moment, a SIGTERM, a non-finite loss, a kill in the middle
+of a save, and a resume with the wrong model.
+
+The end-to-end runs are `python -m deit.cli train` subprocesses on the built-in digits (1,437
+training images: 22 steps of 64 per epoch, 44 in all) with the tiny test variant at 16x16, and
+are compared with one uninterrupted run of the same seed, which must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deit import cli, export, train
+from deit.checkpoint import Checkpoints
+
+STEPS_PER_EPOCH = 1437 // 64
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+RUN = ["--model", "deit_test_distilled_patch4_32", "--img-size", "16", "--distillation", "none"]
+RUN += ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--checkpoint-every", "2"]
+RUN += ["--log-every", "5"]
+
+
+def _env(cache: Path | None) -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if cache is not None:
+        # Only to save compile time: the interrupted runs share compiled programs. The reference
+        # run compiles on its own, so a compilation that differed between processes still shows.
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+class Run:
+    """`deit train --output OUT` in a subprocess; stdout and stderr go to files (a full pipe
+    would block the run)."""
+
+    def __init__(self, out: Path, *extra: str, cache: Path | None = None) -> None:
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = len(list(out.parent.glob(f"{out.name}.*.log")))
+        self.log = out.parent / f"{out.name}.{n}.log"
+        argv = [sys.executable, "-m", "deit.cli", "train", "--output", str(out), *RUN, *extra]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(argv, env=_env(cache), stdout=log, stderr=log)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the run did not end in {timeout} s:\n{self.text()[-3000:]}")
+
+    def finish(self) -> None:
+        assert self.wait() == 0, self.text()[-3000:]
+
+    def wait_for_checkpoint(self, step: int, timeout: float = 600) -> None:
+        """Until a finished checkpoint at `step` or later exists (Orbax renames the temporary
+        folder to the bare step number only once everything in it is written)."""
+        deadline = time.monotonic() + timeout
+        while not any(s >= step for s in finished_steps(self.out)):
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended before checkpoint {step}:\n{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"no checkpoint {step} after {timeout} s:\n{self.text()[-3000:]}")
+            time.sleep(0.01)
+
+
+def finished_steps(out: Path) -> list[int]:
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def final_params(out: Path) -> dict[str, np.ndarray]:
+    return export.flatten(export.load_model(out / "final")[1]["params"])
+
+
+def assert_same_params(expected: dict[str, np.ndarray], out: Path) -> None:
+    got = final_params(out)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def logged_losses(out: Path) -> dict[int, set[float]]:
+    """Every training loss `metrics.jsonl` holds, by step (a resumed run logs some steps twice)."""
+    losses: dict[int, set[float]] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            losses.setdefault(record["step"], set()).add(record["loss"])
+    return losses
+
+
+def restore_latest(folder: Path) -> tuple[int, dict, dict]:
+    """`(step, state, meta)` of the latest checkpoint in `folder`, laid out as it was saved."""
+    ckpts = Checkpoints(folder)
+    try:
+        step = ckpts.latest_step()
+        assert step is not None, f"no checkpoint in {folder}"
+        tree = ckpts.manager.item_metadata(step)["state"].tree
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            tree,
+            is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict),
+        )
+        state, meta = ckpts.restore(abstract, step)
+    finally:
+        ckpts.close()
+    return step, state, meta
+
+
+class Reference:
+    """The uninterrupted run, started once for the module and run alongside the first test.
+    It checkpoints only at epoch ends: saving every 2 steps must not change the training."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.run = Run(out, "--checkpoint-every", "1000")
+        self._params: dict[str, np.ndarray] | None = None
+
+    def params(self) -> dict[str, np.ndarray]:
+        if self._params is None:
+            self.run.finish()
+            self._params = final_params(self.out)
+        return self._params
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
+    ref = Reference(tmp_path_factory.mktemp("reference") / "run")
+    yield ref
+    if ref.run.proc.poll() is None:
+        ref.run.proc.kill()
+        ref.run.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.mark.slow
+def test_sigkill_at_two_points_then_resume_is_bit_identical(reference, compile_cache, tmp_path):
+    out = tmp_path / "run"
+    first = Run(out, cache=compile_cache)
+    first.wait_for_checkpoint(6)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    killed_at = max(finished_steps(out))
+    assert killed_at < STEPS_PER_EPOCH  # inside the first epoch
+
+    second = Run(out, "--resume", cache=compile_cache)
+    second.wait_for_checkpoint(STEPS_PER_EPOCH + 6)
+    os.kill(second.proc.pid, signal.SIGKILL)
+    assert second.wait() == -signal.SIGKILL
+    killed_again_at = max(finished_steps(out))
+    assert STEPS_PER_EPOCH < killed_again_at < TOTAL_STEPS  # past an epoch end, not finished
+    assert not (out / "final").exists()
+
+    Run(out, "--resume", cache=compile_cache).finish()
+    assert_same_params(reference.params(), out)
+    # Steps logged before a kill and again after the resume agree with the reference too.
+    expected = logged_losses(reference.out)
+    got = logged_losses(out)
+    assert set(expected) <= set(got)
+    for step, losses in expected.items():
+        assert len(losses) == 1 and got[step] == losses, step
+    results = json.loads((out / "results.json").read_text())
+    assert results["val"] == json.loads((reference.out / "results.json").read_text())["val"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_says_how_to_resume(reference, compile_cache, tmp_path):
+    out = tmp_path / "run"
+    run = Run(out, cache=compile_cache)
+    run.wait_for_checkpoint(8)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 128 + signal.SIGTERM
+    message = [line for line in run.text().splitlines() if line.startswith("deit train:")]
+    assert len(message) == 1, run.text()[-3000:]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", message[0])
+    assert stopped, message[0]
+    assert f"deit train --resume --output {out.absolute()}" in message[0]
+    step = int(stopped.group(1))
+    assert step < TOTAL_STEPS
+    # The checkpoint of the step it stopped at is written and is the latest one.
+    assert max(finished_steps(out)) == step
+    assert restore_latest(out / "checkpoints")[0] == step
+
+    Run(out, "--resume", cache=compile_cache).finish()
+    assert_same_params(reference.params(), out)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, capsys):
+    poison_from = 5
+    real = train.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def train_step(state, batch, teacher=None):
+            new, metrics = step_fn(state, batch, teacher)
+            bad = new.step >= poison_from
+            nan = lambda x: jnp.where(bad, jnp.nan, x)
+            metrics = dict(metrics, loss=nan(metrics["loss"]))
+            return new.replace(params=jax.tree_util.tree_map(nan, new.params)), metrics
+
+        return train_step
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    out = tmp_path / "run"
+    # Logged at step 3, saved at 2 and 4; step 5 is neither, so the NaN is caught at the save of 6.
+    argv = ["train", "--output", str(out), *RUN, "--epochs", "1", "--log-every", "3"]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deit train: error: loss is nan at step 6; stopped without saving it")
+    assert "last good checkpoint (step 4)" in err and "--resume" in err
+    assert finished_steps(out) == [2, 4]
+    assert not any(p.name.startswith(("5", "6")) for p in (out / "checkpoints").iterdir())
+    step, state, _ = restore_latest(out / "checkpoints")
+    assert step == 4 and int(state["step"]) == 4
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+SAVER = """
+import sys
+import jax.numpy as jnp
+from deit.checkpoint import Checkpoints
+
+ckpts = Checkpoints(sys.argv[1], keep=2)
+start = (ckpts.latest_step() or 0) + 1
+for step in range(start, start + 10_000):
+    state = {"w": jnp.full((1024, 1024), step, jnp.float32), "b": jnp.arange(4096.0) * step}
+    ckpts.save(step, state, {"step": step})
+    print(step, flush=True)
+"""
+
+
+def expected_saved(step: int) -> dict[str, np.ndarray]:
+    return {
+        "w": np.full((1024, 1024), step, np.float32),
+        "b": np.arange(4096.0, dtype=np.float32) * step,
+    }
+
+
+@pytest.mark.slow
+def test_a_kill_during_saves_leaves_a_usable_checkpoint(tmp_path):
+    """4 MB saved over and over, killed at random moments: each time the latest checkpoint
+    restores to exactly what was saved under its step, and the next process carries on."""
+    folder = tmp_path / "checkpoints"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    delays = np.random.default_rng(0).uniform(0.0, 0.6, size=4)
+    last = 0
+    for delay in delays:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(folder)],
+            env=_env(None),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        first = int(proc.stdout.readline())  # saving has begun
+        assert first == last + 1
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        step, state, meta = restore_latest(folder)
+        assert step >= first - 1 and meta == {"step": step}
+        for key, value in expected_saved(step).items():
+            np.testing.assert_array_equal(state[key], value, err_msg=f"{key} at step {step}")
+        last = step
+
+
+def test_a_leftover_temporary_folder_is_ignored(tmp_path):
+    folder = tmp_path / "checkpoints"
+    ckpts = Checkpoints(folder)
+    for step in (1, 2):
+        ckpts.save(step, {k: jnp.asarray(v) for k, v in expected_saved(step).items()}, {})
+    ckpts.close()
+    # What a kill in the middle of writing step 3 leaves behind.
+    partial = folder / "3.orbax-checkpoint-tmp"
+    shutil.copytree(folder / "2", partial)
+    for marker in [*partial.rglob("commit_success.txt"), *partial.rglob("*METADATA")]:
+        marker.unlink()
+    for chunk in (partial / "state" / "d").iterdir():
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    step, state, _ = restore_latest(folder)
+    assert step == 2
+    np.testing.assert_array_equal(state["w"], expected_saved(2)["w"])
+    ckpts = Checkpoints(folder)
+    ckpts.save(3, {k: jnp.asarray(v) for k, v in expected_saved(3).items()}, {}, wait=True)
+    ckpts.close()
+    assert finished_steps(tmp_path) == [1, 2, 3] and not partial.exists()
+    assert restore_latest(folder)[0] == 3
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_names_the_differing_arrays(reference, tmp_path, capsys):
+    reference.params()  # the reference run is finished
+    out = tmp_path / "run"
+    shutil.copytree(reference.out / "checkpoints", out / "checkpoints")
+    argv = ["train", "--output", str(out), *RUN, "--resume", "--model", "deit_test_patch4_32"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("deit train: error: the checkpoint at step 44")
+    assert "is of another model" in err
+    assert "params/dist_token" in err and "params/pos_embed (1, 18, 32) != (1, 17, 32)" in err
