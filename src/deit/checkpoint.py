@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from deit.export import layout_mismatch
+
 
 class Checkpoints:
     """`OUTPUT/checkpoints/<step>/{state,meta}`; every process calls `save` (a collective)."""
@@ -63,22 +65,11 @@ class Checkpoints:
     def _check_layout(self, step: int, abstract_state: Any) -> None:
         """ValueError naming the differing arrays when the checkpoint is of another model."""
         saved = _shapes(self.manager.item_metadata(step)["state"].tree)
-        wanted = _shapes(abstract_state)
-        missing = sorted(set(wanted) - set(saved))
-        unexpected = sorted(set(saved) - set(wanted))
-        common = sorted(set(saved) & set(wanted))
-        shapes = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
-        if missing or unexpected or shapes:
-
-            def show(items: list[str]) -> str:
-                return ", ".join(items[:6]) + (
-                    f" (+{len(items) - 6} more)" if len(items) > 6 else ""
-                )
-
+        diff = layout_mismatch(saved, _shapes(abstract_state))
+        if diff:
             raise ValueError(
                 f"the checkpoint at step {step} in {self.directory} is of another model or "
-                f"config: missing [{show(missing)}], unexpected [{show(unexpected)}], shapes "
-                f"[{show(shapes)}]; resume with the flags of the run that wrote it"
+                f"config: {diff}; resume with the flags of the run that wrote it"
             )
 
     def wait(self) -> None:

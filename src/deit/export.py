@@ -102,3 +102,19 @@ def load_model(directory: str | os.PathLike) -> tuple[Any, dict, dict[str, Any]]
         )
     config = json.loads((folder / CONFIG).read_text())
     return build_model(config), unflatten(load_file(str(folder / WEIGHTS))), config
+
+
+def layout_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """`None` when two `{path: shape}` maps agree; otherwise one line naming missing,
+    unexpected and wrongly shaped arrays (the first few of each)."""
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    common = sorted(set(saved) & set(wanted))
+    wrong = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+    return f"missing [{show(missing)}], unexpected [{show(unexpected)}], shapes [{show(wrong)}]"

@@ -32,17 +32,11 @@ def load_exported(folder: str | Path) -> tuple[Any, dict, dict[str, Any]]:
     x = jax.ShapeDtypeStruct((1, size, size, getattr(model, "in_chans", 3)), jnp.float32)
     shapes = lambda tree: {k: tuple(v.shape) for k, v in flatten_dict(tree, sep="/").items()}
     wanted = shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
-    saved = shapes(variables)
-    missing = sorted(set(wanted) - set(saved))
-    unexpected = sorted(set(saved) - set(wanted))
-    common = sorted(set(saved) & set(wanted))
-    wrong = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
-    if missing or unexpected or wrong:
-        show = lambda items: ", ".join(items[:6]) + (f" (+{len(items) - 6})" if items[6:] else "")
+    diff = export.layout_mismatch(shapes(variables), wanted)
+    if diff:
         raise ValueError(
-            f"the weights in {folder} do not fit its {export.CONFIG}: missing [{show(missing)}], "
-            f"unexpected [{show(unexpected)}], shapes [{show(wrong)}]; expected a folder written "
-            "by deit train or deit convert, unchanged"
+            f"the weights in {folder} do not fit its {export.CONFIG}: {diff}; expected a folder "
+            "written by deit train or deit convert, unchanged"
         )
     return model, variables, config
 
