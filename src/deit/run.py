@@ -210,7 +210,8 @@ def train_and_evaluate(
     return summary
 
 
-def _exported(path: str | Path) -> Path:
+def exported_folder(path: str | Path) -> Path:
+    """The exported model in `path`: the folder itself, or a run folder's `final/` (or `best/`)."""
     path = Path(path)
     for candidate in (path, path / "final", path / "best"):
         if (candidate / export.CONFIG).is_file():
@@ -225,7 +226,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data: str, batch_size: int = 128, workers: int = 0
 ) -> dict[str, dict[str, float]]:
     """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
-    folder = _exported(checkpoint)
+    folder = exported_folder(checkpoint)
     model, variables, config = load_exported(folder)
     cfg = data_lib.DataConfig(
         dataset=data,
@@ -258,7 +259,7 @@ def predict(
     checkpoint: str | Path, images: list[str], top: int = 5
 ) -> list[list[tuple[str, float]]]:
     """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
-    folder = _exported(checkpoint)
+    folder = exported_folder(checkpoint)
     model, variables, config = load_exported(folder)
     size = int(config.get("img_size", _model_size(model)))
     mean = np.asarray(config.get("mean", data_lib.IMAGENET_MEAN), np.float32)
@@ -305,7 +306,7 @@ def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) 
     normalisation (mean, std) is kept, since the weights were trained on it. Everything else
     (optimiser, augmentation, `--distillation`/`--teacher`) comes from `cfg`.
     """
-    folder = _exported(checkpoint)
+    folder = exported_folder(checkpoint)
     model, variables, config = load_exported(folder)
     if not isinstance(model, DeiT):
         raise ValueError(f"{folder} holds a {type(model).__name__}; --finetune needs a DeiT")

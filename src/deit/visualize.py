@@ -302,12 +302,12 @@ def visualize_checkpoint(
     `token_similarity.png` and `.json` (averaged over the images), into `out`."""
     from deit import export
     from deit.model import DeiT, forward_with_attention
-    from deit.run import _exported
+    from deit.run import exported_folder
     from deit.transforms import decode_image, eval_transform
 
     if not images:
         raise ValueError("no image files given; expected deit visualize --checkpoint DIR IMAGE...")
-    model, variables, config = export.load_model(_exported(checkpoint))
+    model, variables, config = export.load_model(exported_folder(checkpoint))
     if not isinstance(model, DeiT):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
     prep = _preprocessing(model, config)
