@@ -1,0 +1,93 @@
+"""A tiny `deit bench` run without the timm reference: the structure of what it returns."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import deit
+from deit import bench, bench_report
+from deit.teacher import create_teacher
+
+TINY = "deit_test_distilled_patch4_32"
+
+
+def test_matmul_flops_counts_the_model_formula():
+    model = deit.create_model(TINY)
+    x = jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    assert bench.matmul_flops(lambda p, x: model.apply(p, x), params, x) == deit.flops_per_image(
+        model
+    )
+    # A convolution: 2 * output elements * kernel taps * input channels.
+    conv = bench.matmul_flops(
+        lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID"),
+        jnp.zeros((1, 3, 8, 8)),
+        jnp.zeros((4, 3, 3, 3)),
+    )
+    assert conv == 2 * (4 * 6 * 6) * (3 * 3 * 3)
+
+
+def test_teacher_flops_positive():
+    teacher = create_teacher("resnet8", 10)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), x)
+    assert bench.matmul_flops(lambda v, x: teacher.apply(v, x), variables, x) > 0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dtype"):
+        bench.BenchConfig(dtypes=("float16",))
+    with pytest.raises(ValueError, match="rounds"):
+        bench.BenchConfig(rounds=0)
+
+
+@pytest.mark.slow
+def test_tiny_run_structure(tmp_path):
+    cfg = bench.BenchConfig(
+        models=(TINY,),
+        batches=(2,),
+        dtypes=("float32",),
+        train_models=(TINY,),
+        train_batch=2,
+        teacher="resnet8",
+        timm=False,
+        rounds=2,
+        min_seconds=0.0,
+        matmul_size=64,
+        pipeline_workers=(0,),
+        pipeline_batches=1,
+        pipeline_dir=str(tmp_path / "jpegs"),
+    )
+    lines = []
+    result = bench.run_bench(cfg, log=lines.append)
+    assert any(line.startswith("round 2/2 done") for line in lines)
+    json.dumps(result)  # JSON-ready
+    kinds = {(c["kind"], c["impl"]) for c in result["cases"]}
+    assert kinds == {("matmul", "xla"), ("infer", "deit"), ("train", "deit")}
+    for case in result["cases"]:
+        assert len(case["rates"]) == 2
+        assert case["images_per_s"] > 0 and case["gflops_per_s"] > 0
+        assert case["info"]["compile_s"] > 0
+    train = next(c for c in result["cases"] if c["kind"] == "train")
+    infer = next(c for c in result["cases"] if c["kind"] == "infer")
+    assert train["flops"] == 3 * infer["flops"] + train["info"]["teacher_flops"]
+    (pipe,) = result["pipeline"]
+    assert pipe["workers"] == 0 and pipe["images"] == 2 and pipe["img_size"] == 32
+    assert result["max_rss_mib"]["deit"] > 0
+
+    table = bench_report.markdown(result)
+    assert table.count("\n") == 3  # header, rule, inference row, train row
+    assert "DeiT-test⚗" in table and "—" in table  # no timm column values
+    checks = bench_report.targets(result)
+    names = [c["target"] for c in checks]
+    assert "train DeiT-test⚗ b2 vs timm fp32" in names
+    assert all(set(c) == {"target", "value", "goal", "unit", "met"} for c in checks)
+    assert "| target |" in bench_report.format_targets(checks)
+    assert "matmul rate" in bench_report.notes(result)
+
+
+def test_short_names():
+    assert bench_report.short_name("deit_tiny_distilled_patch16_224") == "DeiT-Ti⚗"
+    assert bench_report.short_name("deit_small_patch16_224") == "DeiT-S"
