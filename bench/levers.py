@@ -39,9 +39,11 @@ TI, S = "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224"
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution,-reduce"
 FLAGS = {
     "default": "",
+    "deit": "",
     "ynn-off": YNN_OFF,
     "ynn-no-reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
     "ynn-no-reduce-conv": "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution",
+    "ynn-off+vw512": YNN_OFF + " --xla_cpu_prefer_vector_width=512",
 }
 
 
@@ -236,13 +238,17 @@ def _child_flags(batches: tuple[int, ...], rounds: int) -> list[Case]:
     return cases
 
 
-def lever_flags(batches: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+def lever_flags(
+    batches: tuple[int, ...], rounds: int, settings: tuple[str, ...] = tuple(FLAGS)
+) -> list[dict[str, Any]]:
     """One child per flag setting and repetition, alternated: A B C A B C ..."""
-    out: dict[str, dict[str, list[float]]] = {k: {} for k in FLAGS}
-    compile_s: dict[str, dict[str, list[float]]] = {k: {} for k in FLAGS}
+    out: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
+    compile_s: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
     for rep in range(rounds):
-        for label, flags in FLAGS.items():
-            env = dict(os.environ, XLA_FLAGS=flags)
+        for label in settings:
+            flags = FLAGS[label]
+            # "deit": XLA's defaults plus `deit.compiler`'s per-dtype options; others: flags only.
+            env = dict(os.environ, XLA_FLAGS=flags, DEIT_XLA_OPTIONS=str(int(label == "deit")))
             args = [sys.executable, __file__, "_child_flags", "--rounds", "2", "--batches"]
             args += [str(b) for b in batches]
             proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
@@ -252,13 +258,14 @@ def lever_flags(batches: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
                 compile_s[label].setdefault(key, []).append(case["info"]["compile_s"])
             print(f"rep {rep + 1} {label} done", flush=True)
     rows = []
-    for key in out["default"]:
-        row = {"case": key}
-        for label in FLAGS:
+    for key in out[settings[0]]:
+        row: dict[str, Any] = {"case": key}
+        for label in settings:
             row[label] = float(np.median(out[label][key]))
+            row[f"{label} rates"] = out[label][key]
             row[f"{label} compile_s"] = float(np.median(compile_s[label][key]))
         rows.append(row)
-        print(" | ".join([key] + [f"{label} {row[label]:.3g}" for label in FLAGS]))
+        print(" | ".join([key] + [f"{label} {row[label]:.3g}" for label in settings]))
     return rows
 
 
@@ -277,9 +284,14 @@ def main() -> None:
     parser.add_argument("lever", choices=sorted(LEVERS))
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", choices=sorted(FLAGS), default=list(FLAGS))
+    parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
     tick = time.perf_counter()
-    result = LEVERS[args.lever](tuple(args.batches), args.rounds)
+    if args.lever == "flags":
+        result = lever_flags(tuple(args.batches), args.rounds, tuple(args.settings))
+    else:
+        result = LEVERS[args.lever](tuple(args.batches), args.rounds)
     if args.lever == "_child_flags":
         print(json.dumps([c.to_json() for c in result]))
         return
@@ -291,8 +303,10 @@ def main() -> None:
         result = [c.to_json() for c in result]
     RESULTS.mkdir(exist_ok=True)
     payload = {"lever": args.lever, "args": vars(args), "results": result}
+    payload["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     payload["seconds"] = time.perf_counter() - tick
-    (RESULTS / f"levers_{args.lever}.json").write_text(json.dumps(payload, indent=2))
+    name = f"levers_{args.lever}{'_' + args.tag if args.tag else ''}.json"
+    (RESULTS / name).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deit.bench_data import make_jpeg_folder, measure_pipeline
 from deit.bench_timm import TorchWorker, max_rss_mb, run_for
+from deit.compiler import compiler_options
 from deit.model import create_model, flops_per_image, init_params
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD, get_spec, resolve_name
 
@@ -56,13 +58,13 @@ class BenchConfig:
     timm: bool = True  # the reference (eager, and compiled where asked)
     compile_batches: tuple[int, ...] = (32,)  # torch.compile'd reference at these batches
     compile_train: bool = True
-    compile_timeout: float = 900.0  # seconds per torch.compile'd case
+    compile_timeout: float = 600.0  # seconds per torch.compile'd case
     rounds: int = 5
     min_seconds: float = 0.5
     matmul_size: int = 2048
     threads: int = 2  # torch.set_num_threads; XLA uses every core it is given
     pipeline_workers: tuple[int, ...] = (0, 2)
-    pipeline_batches: int = 8
+    pipeline_batches: int = 16
     pipeline_dir: str | None = None  # default: a temporary folder
     seed: int = 0
 
@@ -170,7 +172,10 @@ def inference_case(name: str, batch: int, dtype: str, seed: int = 0) -> Case:
     params = init_params(model, seed)
     s = get_spec(name).img_size
     x = jax.random.normal(jax.random.PRNGKey(seed), (batch, s, s, 3), jnp.float32)
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
+    fn = jax.jit(
+        lambda p, x: model.apply({"params": p}, x).logits,
+        compiler_options=compiler_options(DTYPES[dtype]),
+    )
     case = Case("infer", "deit", resolve_name(name), batch, dtype, float(flops_per_image(model)))
     return _compiled_case(case, fn, (params, x), lambda out: None)
 
@@ -200,7 +205,11 @@ def train_case(
         "image": jnp.asarray(rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)),
         "label": jnp.asarray(rng.integers(0, k, (batch,), dtype=np.int32)),
     }
-    step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=0 if donate else ())
+    step = jax.jit(
+        make_train_step(model, tx, schedule, cfg),
+        donate_argnums=0 if donate else (),
+        compiler_options=compiler_options(DTYPES[dtype]),
+    )
     student = flops_per_image(model)
     teacher_flops = matmul_flops(lambda v, x: t_model.apply(v, x), t_vars, image)
     case = Case("train", "deit", resolve_name(name), batch, dtype, 3.0 * student + teacher_flops)
@@ -213,7 +222,10 @@ def matmul_case(n: int = 2048, dtype: str = "float32", seed: int = 0) -> Case:
     key_a, key_b = jax.random.split(jax.random.PRNGKey(seed))
     a = jax.random.normal(key_a, (n, n), DTYPES[dtype])
     b = jax.random.normal(key_b, (n, n), DTYPES[dtype])
-    fn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    fn = jax.jit(
+        lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32),
+        compiler_options=compiler_options(DTYPES[dtype]),
+    )
     case = Case("matmul", "xla", f"{n}x{n}", 1, dtype, 2.0 * n**3)
     return _compiled_case(case, fn, (a, b), lambda out: None)
 
@@ -311,59 +323,6 @@ def _rate(result: tuple[int, float, int]) -> float:
     return images / seconds
 
 
-def make_jpeg_folder(root: str | Path, count: int = 64, seed: int = 0) -> list[str]:
-    """`count` JPEGs of ImageNet's typical size (500×375 or 375×500, quality 90) under `root`.
-
-    Smooth colour gradients plus noise, so decoding costs about what a photo costs; files that
-    already exist are reused.
-    """
-    from PIL import Image
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        path = root / f"img_{i:04d}.jpg"
-        if not path.exists():
-            h, w = (375, 500) if i % 2 == 0 else (500, 375)
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            slope = rng.uniform(-0.4, 0.4, (2, 3))
-            image = rng.uniform(0, 255, 3) + np.stack([yy, xx], -1) @ slope
-            image += rng.normal(0, 12, (h, w, 3))
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
-
-
-def measure_pipeline(
-    paths: list[str], workers: int, batch: int, batches: int, img_size: int = 224
-) -> dict[str, Any]:
-    """Images/s of `deit.data.train_batches` (decode, random-resized-crop, flip, RandAugment
-    `rand-m9-mstd0.5-inc1`, batching) over `paths`, after the first batch (worker start-up)."""
-    from deit.data import DataConfig, Source, train_batches
-
-    n = batch * (batches + 1)
-    files = [paths[i % len(paths)] for i in range(n)]
-    source = Source(files, np.zeros(n, np.int32), ["0"])
-    cfg = DataConfig(dataset="bench", img_size=img_size, workers=workers, repeats=1)
-    it = train_batches(source, cfg, seed=0, epoch=0, global_batch=batch)
-    tick = time.perf_counter()
-    next(it)
-    start = time.perf_counter()
-    count = sum(len(b["label"]) for b in it)
-    seconds = time.perf_counter() - start
-    return {
-        "workers": workers,
-        "batch": batch,
-        "images": count,
-        "seconds": seconds,
-        "images_per_s": count / seconds,
-        "img_size": img_size,
-        "first_batch_s": start - tick,
-    }
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -378,8 +337,6 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
     import flax
     import jaxlib
 
-    import deit
-
     return {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
@@ -388,7 +345,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": cfg.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "xla_flags_set_by_deit": getattr(deit, "XLA_FLAGS_SET_BY_DEIT", False),
+        "compiler_options": {d: compiler_options(t) for d, t in DTYPES.items()},
         "load_average_at_start": os.getloadavg(),
     }
 

@@ -106,8 +106,8 @@ def notes(result: dict[str, Any]) -> str:
     out = [
         f"- {env['cpu']}, {env['cores']} cores; jax {env['jax']}, "
         f"torch {env.get('torch', '—')} ({env['torch_threads']} threads), "
-        f"timm {env.get('timm', '—')}; XLA_FLAGS `{env['xla_flags'] or '(none)'}`"
-        + (" (set by deit)" if env["xla_flags_set_by_deit"] else ""),
+        f"timm {env.get('timm', '—')}; XLA_FLAGS `{env['xla_flags'] or '(none)'}`; "
+        f"per-dtype compiler options (deit.compiler) {env.get('compiler_options')}",
         "- matmul rate (XLA, same run): "
         + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in matmul_rates(result).items()),
     ]

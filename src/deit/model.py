@@ -18,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from deit.compiler import compiler_options
 from deit.layers import Block, PatchEmbed, dense, layer_norm
 from deit.variants import get_spec, resolve_name
 
@@ -234,7 +235,10 @@ def forward_with_attention(
     """
     images = jnp.asarray(images)
     capturing = model.clone(capture=True)
-    run = jax.jit(lambda v, x: capturing.apply(v, x, mutable=["intermediates"]))
+    run = jax.jit(
+        lambda v, x: capturing.apply(v, x, mutable=["intermediates"]),
+        compiler_options=compiler_options(model.dtype),
+    )
     out, state = run({"params": variables["params"]}, images)
     blocks = [state["intermediates"][f"blocks_{i}"] for i in range(model.depth)]
     # `sow` appends to a tuple; each block runs once, so each tuple holds one array.

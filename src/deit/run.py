@@ -16,6 +16,7 @@ from flax.traverse_util import flatten_dict
 
 from deit import data as data_lib
 from deit import export, parallel
+from deit.compiler import compiler_options
 from deit.configs import TrainConfig
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
@@ -198,7 +199,7 @@ def train_and_evaluate(
     if teacher is not None:
         mesh = parallel.make_mesh()
         summary["teacher"] = run_eval(
-            make_teacher_eval_step(teacher), val_src, cfg.data, mesh, cfg.batch_size
+            make_teacher_eval_step(teacher, cfg.dtype), val_src, cfg.data, mesh, cfg.batch_size
         )["avg"]
         summary["teacher_path"] = str(teacher_path)
     out = Path(cfg.output).absolute()
@@ -245,7 +246,9 @@ def evaluate_checkpoint(
         )
     mesh = parallel.make_mesh()
     batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-    step = jax.jit(make_eval_step(model, cfg.mean, cfg.std))
+    step = jax.jit(
+        make_eval_step(model, cfg.mean, cfg.std), compiler_options=compiler_options(model.dtype)
+    )
     params, stats = variables["params"], variables.get("batch_stats", {})
     return run_eval(lambda b: step(params, stats, b), val_src, cfg, mesh, batch_size)
 

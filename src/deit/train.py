@@ -32,6 +32,7 @@ from deit import evaluate as eval_lib
 from deit import export, parallel
 from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
 from deit.checkpoint import Checkpoints, abstract_like
+from deit.compiler import compiler_options
 from deit.configs import TrainConfig
 from deit.losses import deit_loss
 from deit.model import DeiTOutput
@@ -185,12 +186,14 @@ def make_eval_step(
     return eval_step
 
 
-def make_teacher_eval_step(teacher: Teacher) -> Callable[[dict[str, jax.Array]], dict]:
+def make_teacher_eval_step(
+    teacher: Teacher, dtype: Any = jnp.float32
+) -> Callable[[dict[str, jax.Array]], dict]:
     def eval_step(batch: dict[str, jax.Array]) -> dict:
         logits = teacher_logits(teacher, batch["image"].astype(jnp.float32) / 255.0)
         return {"avg": eval_lib.batch_sums(logits, batch["label"], batch["mask"])}
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=compiler_options(dtype))
 
 
 def run_eval(
@@ -339,8 +342,12 @@ def fit(
         make_train_step(model, tx, schedule, step_cfg),
         donate_argnums=0,
         out_shardings=(shardings, None),
+        compiler_options=compiler_options(model.dtype),
     )
-    eval_step = jax.jit(make_eval_step(model, step_cfg.mean, step_cfg.std))
+    eval_step = jax.jit(
+        make_eval_step(model, step_cfg.mean, step_cfg.std),
+        compiler_options=compiler_options(model.dtype),
+    )
     logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
     step = int(state.step)
     results: dict[str, Any] = {}

@@ -1,0 +1,56 @@
+"""Per-dtype XLA compiler options: which programs get them, and that they keep the numbers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deit import compiler
+from deit.compiler import YNN_FUSION_TYPE, compiler_options
+from deit.model import create_model, init_params
+
+
+@pytest.fixture
+def fresh_cache():
+    compiler._tuned_backend.cache_clear()
+    yield
+    compiler._tuned_backend.cache_clear()
+
+
+def test_float32_on_cpu_turns_ynn_fusions_off(fresh_cache):
+    expected = {YNN_FUSION_TYPE: ""} if jax.__version_info__[:2] == (0, 10) else None
+    assert compiler_options(jnp.float32) == expected
+    assert compiler_options("float32") == expected
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, None])
+def test_other_dtypes_keep_xla_defaults(dtype, fresh_cache):
+    assert compiler_options(dtype) is None
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DEIT_XLA_OPTIONS": "0"},
+        {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"},
+    ],
+)
+def test_user_choice_wins(env, monkeypatch, fresh_cache):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert compiler_options(jnp.float32) is None
+
+
+def test_options_compile_and_keep_logits(fresh_cache):
+    model = create_model("deit_test_distilled_patch4_32")
+    params = init_params(model, 0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+
+    def fn(p, x):
+        return model.apply({"params": p}, x).logits
+
+    tuned = jax.jit(fn, compiler_options=compiler_options(jnp.float32))(params, x)
+    plain = jax.jit(fn)(params, x)
+    np.testing.assert_allclose(np.asarray(tuned), np.asarray(plain), atol=1e-5, rtol=1e-5)
