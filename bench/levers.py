@@ -5,6 +5,10 @@
     python bench/levers.py bf16       # bf16 matmuls accumulating in f32 vs plain bf16
     python bench/levers.py donate     # training step with and without the state donated
     python bench/levers.py scan       # compile time and speed of the blocks under nn.scan
+    python bench/levers.py patch      # patch embedding: strided conv vs reshape + matmul
+    python bench/levers.py bias-grad  # Dense bias gradients: reduction vs ones-vector matmul
+    python bench/levers.py step       # the training step's parts: teacher, forward, backward
+    python bench/levers.py remat      # training step speed and XLA memory with nn.remat blocks
 
 Variants are swapped into `deit.layers` by name only while a case is traced and compiled; the
 compiled executables are then timed interleaved with `deit.bench.measure`. Results print as a
@@ -227,6 +231,164 @@ class _Unrolled(nn.Module):
         return x
 
 
+class PatchMatmul(nn.Module):
+    """`deit.layers.PatchEmbed` as reshape -> transpose -> one matmul; same `proj` parameters."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p, d = self.patch_size, self.embed_dim
+        b, h, w, c = x.shape
+        kernel, bias = _ConvParams(p, c, d, name="proj")()
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        y = jnp.dot(
+            x, kernel.reshape(p * p * c, d).astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return (y + bias).astype(self.dtype)
+
+
+class _ConvParams(nn.Module):
+    """The parameters `nn.Conv` would create for the patch projection (same names and init)."""
+
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        p = self.patch_size
+        shape = (p, p, self.in_chans, self.embed_dim)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.embed_dim,), jnp.float32)
+        return kernel, bias
+
+
+@jax.custom_vjp
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + bias
+
+
+def _add_bias_fwd(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+    return y + bias, None
+
+
+def _add_bias_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rows = g.reshape(-1, g.shape[-1])
+    ones = jnp.ones((rows.shape[0],), g.dtype)
+    return g, jnp.dot(ones, rows, preferred_element_type=jnp.float32)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class DotBiasDense(nn.Module):
+    """`deit.layers.dense` whose bias gradient is a ones-vector matmul instead of a reduction."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", layers.dense_init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(
+            x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return _add_bias(y, bias).astype(self.dtype)
+
+
+def lever_patch(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """Patch embedding as a strided convolution (the code) or reshape + matmul."""
+    from deit import model as model_lib
+
+    cases = []
+    for label, module in (("conv", model_lib.PatchEmbed), ("reshape+matmul", PatchMatmul)):
+        old = model_lib.PatchEmbed
+        model_lib.PatchEmbed = module
+        try:
+            for batch in batches:
+                for dtype in ("float32", "bfloat16"):
+                    case = inference_case(TI, batch, dtype)
+                    case.impl = label
+                    cases.append(case)
+            for dtype in ("float32", "bfloat16"):
+                case = train_case(TI, 32, dtype)
+                case.impl = label
+                cases.append(case)
+        finally:
+            model_lib.PatchEmbed = old
+    bench.measure(cases, rounds, 2.0, print)
+    return cases
+
+
+def lever_bias_grad(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """Training step with Dense bias gradients as reductions (the code) or ones-vector matmuls."""
+    dot_bias = {"dense": lambda features, name, dtype: DotBiasDense(features, dtype, name=name)}
+    cases = []
+    for dtype in ("float32", "bfloat16"):
+        for label, swap in (("reduce", {}), ("ones-matmul", dot_bias)):
+            with swapped(**swap):
+                case = train_case(TI, 32, dtype)
+            case.impl = label
+            cases.append(case)
+    bench.measure(cases, rounds, 2.0, print)
+    return cases
+
+
+def _step_parts(dtype: str) -> list[Case]:
+    from deit.compiler import compiler_options
+    from deit.teacher import create_teacher
+
+    model = create_model(TI, dtype=bench.DTYPES[dtype], drop_path_rate=0.1)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (32, 224, 224, 3))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
+    teacher = create_teacher("resnet18", 1000, dtype=bench.DTYPES[dtype])
+    t_vars = jax.jit(teacher.init)(jax.random.PRNGKey(1), x[:1])
+
+    def loss(p: Any, x: jax.Array) -> jax.Array:
+        out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        return out.cls_logits.mean() + out.dist_logits.mean()
+
+    parts = {
+        "teacher fwd": (lambda v, x: teacher.apply(v, x), (t_vars, x)),
+        "student fwd": (lambda p, x: model.apply({"params": p}, x).logits, (params, x)),
+        "student fwd+bwd": (jax.grad(loss), (params, x)),
+    }
+    cases = []
+    for label, (fn, args) in parts.items():
+        case = Case("part", label, TI, 32, dtype, 0.0)
+        jitted = jax.jit(fn, compiler_options=compiler_options(bench.DTYPES[dtype]))
+        cases.append(_compiled_case(case, jitted, args, lambda o: None))
+    case = train_case(TI, 32, dtype)
+    case.impl = "whole step"
+    return [*cases, case]
+
+
+def lever_remat(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """Training step with every block's activations kept (the default) or recomputed."""
+    cases = []
+    for name, batch in ((TI, 32), (TI, 128), (S, 64)):
+        for remat in (False, True):
+            case = train_case(name, batch, "float32", remat=remat)
+            case.impl = f"remat={remat}"
+            cases.append(case)
+    bench.measure(cases, rounds, 2.0, print)
+    return cases
+
+
+def lever_step(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """Where DeiT-Ti's distillation step (batch 32) spends its time: the teacher's forward, the
+    student's forward, the student's forward + backward (stochastic depth on), the whole step."""
+    cases = _step_parts("float32") + _step_parts("bfloat16")
+    bench.measure(cases, rounds, 2.0, print)
+    return cases
+
+
 def _child_flags(batches: tuple[int, ...], rounds: int) -> list[Case]:
     cases = [bench.matmul_case()]
     for name in (TI, S):
@@ -274,6 +436,10 @@ LEVERS = {
     "bf16": lever_bf16,
     "donate": lever_donate,
     "scan": lever_scan,
+    "patch": lever_patch,
+    "bias-grad": lever_bias_grad,
+    "step": lever_step,
+    "remat": lever_remat,
     "flags": lever_flags,
     "_child_flags": _child_flags,
 }

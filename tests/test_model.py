@@ -138,6 +138,26 @@ def test_train_mode_uses_dropout_rngs(tiny):
     np.testing.assert_array_equal(e1.cls_logits, e2.cls_logits)
 
 
+def test_remat_gives_the_same_loss_and_gradients(tiny):
+    model, params = tiny
+    model = model.clone(drop_path_rate=0.3, drop_rate=0.1)
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 32, 3))
+
+    def loss(m: DeiT, p: dict) -> jax.Array:
+        out = m.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(5)})
+        return jnp.sum(out.cls_logits**2) + jnp.sum(out.dist_logits)
+
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
+    remat = jax.jit(jax.value_and_grad(lambda p: loss(model.clone(remat=True), p)))(params)
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
+    grads = (remat[1], plain[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+    # Each block is one rematerialised region of the traced program.
+    jaxpr = str(jax.make_jaxpr(lambda p: loss(model.clone(remat=True), p))(params))
+    assert jaxpr.count("remat") == model.depth
+    assert "remat" not in str(jax.make_jaxpr(lambda p: loss(model, p))(params))
+
+
 def test_bfloat16_compute_keeps_float32_params(tiny):
     model, params = tiny
     bf = model.clone(dtype=jnp.bfloat16)

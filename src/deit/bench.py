@@ -182,7 +182,7 @@ def inference_case(name: str, batch: int, dtype: str, seed: int = 0) -> Case:
 
 def train_case(
     name: str, batch: int, dtype: str, teacher: str = "resnet18", drop_path: float = 0.1,
-    seed: int = 0, donate: bool = True,
+    seed: int = 0, donate: bool = True, remat: bool = False,
 ) -> Case:  # fmt: skip
     """One hard-distillation training step of `name` with a `teacher` ResNet at `batch`."""
     from deit.augment import ErasingConfig, MixupConfig
@@ -191,7 +191,7 @@ def train_case(
     from deit.train import StepConfig, init_state, make_train_step
 
     spec = get_spec(name)
-    model = create_model(name, dtype=DTYPES[dtype], drop_path_rate=drop_path)
+    model = create_model(name, dtype=DTYPES[dtype], drop_path_rate=drop_path, remat=remat)
     s, k = spec.img_size, spec.num_classes
     t_model = create_teacher(teacher, k, dtype=DTYPES[dtype])
     image = jnp.zeros((1, s, s, 3), jnp.float32)
@@ -213,7 +213,7 @@ def train_case(
     student = flops_per_image(model)
     teacher_flops = matmul_flops(lambda v, x: t_model.apply(v, x), t_vars, image)
     case = Case("train", "deit", resolve_name(name), batch, dtype, 3.0 * student + teacher_flops)
-    case.info.update(teacher=teacher, teacher_flops=teacher_flops, donate=donate)
+    case.info.update(teacher=teacher, teacher_flops=teacher_flops, donate=donate, remat=remat)
     return _compiled_case(case, step, (state, data, t), lambda out: out[0])
 
 

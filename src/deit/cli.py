@@ -40,6 +40,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=None, help="steps between logged metrics")
     p.add_argument("--fsdp", action="store_true", help="shard parameters over the devices")
+    p.add_argument(
+        "--remat", action="store_true", help="recompute block activations in the backward pass"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --output")
     p.add_argument(
         "--finetune",
@@ -83,6 +86,8 @@ def train_config(args: argparse.Namespace):  # -> TrainConfig
             raise ValueError(f"--{flag.replace('_', '-')} {top[flag]}; expected 1 or more steps")
     if args.fsdp:
         top["fsdp"] = True
+    if args.remat:
+        top["remat"] = True
     if data:
         top["data"] = dataclasses.replace(cfg.data, **data)
     if args.lr is not None:

@@ -177,7 +177,7 @@ class Block(nn.Module):
     capture: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         branch: Callable[[jax.Array], jax.Array] = lambda y: DropPath(self.drop_path)(
             y, train=train
         )

@@ -51,6 +51,8 @@ class DeiT(nn.Module):
     `distilled=False` is the plain DeiT (class token and one head). `with_dist_head=False` keeps
     the distillation token but only the class head (Hugging Face's `DeiTForImageClassification`).
     `num_classes=0` drops the heads: the outputs are then the final-norm token features `(B, D)`.
+    `remat=True` recomputes each block's activations in the backward pass instead of keeping
+    them (timm's `set_grad_checkpointing`): the same numbers, less memory, ~1/3 more compute.
     """
 
     num_classes: int = 1000
@@ -68,6 +70,7 @@ class DeiT(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     capture: bool = False
+    remat: bool = False
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -103,8 +106,10 @@ class DeiT(nn.Module):
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         # Stochastic depth grows linearly with depth (paper Table 9, timm's `dpr`).
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        # `train` is argument 2 counting the module itself; static, since it picks Python branches.
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
-            x = Block(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 self.drop_rate,
@@ -113,7 +118,7 @@ class DeiT(nn.Module):
                 self.dtype,
                 self.capture,
                 name=f"blocks_{i}",
-            )(x, train=train)
+            )(x, train)
         x = layer_norm("norm", self.dtype)(x)
         cls_out, dist_out = x[:, 0], x[:, 1] if self.distilled else None
         if self.num_classes > 0:
@@ -234,7 +239,7 @@ def forward_with_attention(
     plain model's training and inference graphs stay free of the extra outputs.
     """
     images = jnp.asarray(images)
-    capturing = model.clone(capture=True)
+    capturing = model.clone(capture=True, remat=False)
     run = jax.jit(
         lambda v, x: capturing.apply(v, x, mutable=["intermediates"]),
         compiler_options=compiler_options(model.dtype),

@@ -157,6 +157,7 @@ def train_and_evaluate(
             img_size=cfg.data.img_size,
             drop_path_rate=cfg.drop_path_rate,
             dtype=cfg.dtype,
+            remat=cfg.remat,
         )
     else:
         student = pretrained.model.clone(
@@ -164,6 +165,7 @@ def train_and_evaluate(
             img_size=cfg.data.img_size,
             drop_path_rate=cfg.drop_path_rate,
             dtype=cfg.dtype,
+            remat=cfg.remat,
             capture=False,
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
