@@ -3,7 +3,7 @@
 DeiT-Ti and DeiT-S (distilled) inference at 224, batch 1 / 8 / 32 / 64, fp32 and bf16; the hard-
 distillation training step of DeiT-Ti with a ResNet-18 teacher at batch 32; the timm reference
 (eager, and `torch.compile` at batch 32) interleaved with them in the same run; the XLA matmul
-rate; the input pipeline with 0 and 2 workers. Takes ~30 min on 2 cores; run it on a quiet
+rate; the input pipeline with 0 and 2 workers. Takes ~10 min on 2 cores; run it on a quiet
 machine (nothing else busy), since the reference's OpenMP threads suffer most from contention.
 
     python bench/speed.py            # any `deit bench` flag may follow
