@@ -7,6 +7,7 @@
     python bench/levers.py scan       # compile time and speed of the blocks under nn.scan
     python bench/levers.py patch      # patch embedding: strided conv vs reshape + matmul
     python bench/levers.py bias-grad  # Dense bias gradients: reduction vs ones-vector matmul
+    python bench/levers.py gelu       # bf16 GELU computed in bf16 vs in float32
     python bench/levers.py step       # the training step's parts: teacher, forward, backward
     python bench/levers.py remat      # training step speed and XLA memory with nn.remat blocks
 
@@ -326,6 +327,25 @@ def lever_patch(batches: tuple[int, ...], rounds: int) -> list[Case]:
     return cases
 
 
+def _gelu_in_dtype(x: jax.Array) -> jax.Array:
+    """Exact GELU in the input's dtype (the code before GELU was computed in float32)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 2.0**-0.5))
+
+
+def lever_gelu(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """bf16 GELU computed in bf16 or in float32 (the code): inference and the training step."""
+    cases = []
+    for label, swap in (("gelu float32", {}), ("gelu bf16", {"gelu": _gelu_in_dtype})):
+        with swapped(**swap):
+            for batch in batches:
+                cases.append(inference_case(TI, batch, "bfloat16"))
+                cases[-1].impl = label
+            cases.append(train_case(TI, 32, "bfloat16"))
+            cases[-1].impl = label
+    bench.measure(cases, rounds, 1.0, print)
+    return cases
+
+
 def lever_bias_grad(batches: tuple[int, ...], rounds: int) -> list[Case]:
     """Training step with Dense bias gradients as reductions (the code) or ones-vector matmuls."""
     dot_bias = {"dense": lambda features, name, dtype: DotBiasDense(features, dtype, name=name)}
@@ -438,6 +458,7 @@ LEVERS = {
     "scan": lever_scan,
     "patch": lever_patch,
     "bias-grad": lever_bias_grad,
+    "gelu": lever_gelu,
     "step": lever_step,
     "remat": lever_remat,
     "flags": lever_flags,

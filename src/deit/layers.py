@@ -128,12 +128,16 @@ class Attention(nn.Module):
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU in torch's form, `x / 2 * (1 + erf(x / sqrt(2)))`.
+    """Exact GELU in torch's form, `x / 2 * (1 + erf(x / sqrt(2)))`, computed in float32.
 
     Flax's `nn.gelu` defaults to the tanh approximation, and its exact branch goes through
     `erfc`, which XLA's CPU backend evaluates 3x slower than `erf` (within 1e-6 of each other).
+    bf16 inputs are evaluated in float32 and rounded once: more accurate, and on XLA:CPU it keeps
+    the GELU out of the bf16 matmul fusions (DeiT-Ti bf16 inference +12-18%, training step +8%;
+    `bench/levers.py gelu`).
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 2.0**-0.5))
+    y = x.astype(jnp.float32)
+    return (0.5 * y * (1.0 + jax.lax.erf(y * 2.0**-0.5))).astype(x.dtype)
 
 
 class Mlp(nn.Module):
