@@ -56,69 +56,60 @@ FLAGS = {
 # Attention and matmul variants
 
 
-class HeadsFirst(nn.Module):
-    """`deit.layers.Attention` with the float32 accumulation optional (off by default)."""
+class _AttentionVariant(nn.Module):
+    """`deit.layers.Attention`'s fields and projections around a swappable `attend` core."""
 
     num_heads: int
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     dtype: Any = jnp.float32
     capture: bool = False
-    f32acc: bool = False
+    f32acc: bool = False  # matmuls accumulate in float32 (off: in the compute dtype)
+
+    def attend(self, qkv: jax.Array) -> jax.Array:
+        """`(B, T, 3, heads, d)` -> `(B, T, heads, d)`."""
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         b, t, d = x.shape
-        hd = d // self.num_heads
+        qkv = layers.dense(3 * d, "qkv", self.dtype)(x.reshape(b * t, d))
+        out = self.attend(qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads))
+        return layers.dense(d, "proj", self.dtype)(out.reshape(b * t, d)).reshape(b, t, d)
+
+
+class HeadsFirst(_AttentionVariant):
+    """The code's layout (one transpose to `(3, B, h, T, d)`), f32 accumulation optional."""
+
+    def attend(self, qkv: jax.Array) -> jax.Array:
         acc = jnp.float32 if self.f32acc else None
-        qkv = layers.dense(3 * d, "qkv", self.dtype)(x)
-        q, k, v = qkv.reshape(b, t, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * hd**-0.5, k, preferred_element_type=acc)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        logits = jnp.einsum(
+            "bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=acc
+        )
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=acc)
-        out = out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(b, t, d)
-        return layers.dense(d, "proj", self.dtype)(out)
+        return out.astype(v.dtype).transpose(0, 2, 1, 3)
 
 
-class TokensFirst(nn.Module):
+class TokensFirst(_AttentionVariant):
     """The previous layout: einsums over `(B, T, h, d)` slices of qkv, no transpose."""
 
-    num_heads: int
-    attn_drop: float = 0.0
-    proj_drop: float = 0.0
-    dtype: Any = jnp.float32
-    capture: bool = False
-    f32acc: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        b, t, d = x.shape
-        hd = d // self.num_heads
+    def attend(self, qkv: jax.Array) -> jax.Array:
         acc = jnp.float32 if self.f32acc else None
-        qkv = layers.dense(3 * d, "qkv", self.dtype)(x).reshape(b, t, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * hd**-0.5, k, preferred_element_type=acc)
+        logits = jnp.einsum(
+            "bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=acc
+        )
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=acc)
-        return layers.dense(d, "proj", self.dtype)(out.astype(v.dtype).reshape(b, t, d))
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=acc).astype(v.dtype)
 
 
-class JaxDPA(nn.Module):
+class JaxDPA(_AttentionVariant):
     """`jax.nn.dot_product_attention` (XLA implementation) on `(B, T, h, d)`."""
 
-    num_heads: int
-    attn_drop: float = 0.0
-    proj_drop: float = 0.0
-    dtype: Any = jnp.float32
-    capture: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        b, t, d = x.shape
-        hd = d // self.num_heads
-        qkv = layers.dense(3 * d, "qkv", self.dtype)(x).reshape(b, t, 3, self.num_heads, hd)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return layers.dense(d, "proj", self.dtype)(out.reshape(b, t, d))
+    def attend(self, qkv: jax.Array) -> jax.Array:
+        return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
 
 
 @contextlib.contextmanager

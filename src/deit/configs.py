@@ -39,7 +39,7 @@ class TrainConfig:
     teacher: str | None = None  # an exported model folder, or a ResNet name to train first
     drop_path_rate: float = 0.1
     dtype: str = "float32"
-    remat: bool = False  # recompute block activations in the backward pass (less memory)
+    remat: bool = False  # recompute block activations in the backward pass (DeiT.remat)
     fsdp: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

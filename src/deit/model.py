@@ -52,7 +52,8 @@ class DeiT(nn.Module):
     the distillation token but only the class head (Hugging Face's `DeiTForImageClassification`).
     `num_classes=0` drops the heads: the outputs are then the final-norm token features `(B, D)`.
     `remat=True` recomputes each block's activations in the backward pass instead of keeping
-    them (timm's `set_grad_checkpointing`): the same numbers, less memory, ~1/3 more compute.
+    them (timm's `set_grad_checkpointing`): the same numbers, ~1/3 more compute. XLA:CPU
+    (jaxlib 0.10) hoists the recomputation and saves no memory (jax#19822, `bench/levers.py remat`).
     """
 
     num_classes: int = 1000
