@@ -1,37 +1,51 @@
-"""DeiT — Data-efficient Image Transformers with the distillation token, in JAX/Flax."""
+"""DeiT — Data-efficient Image Transformers with the distillation token, in JAX/Flax.
 
-from deit.model import (
-    DeiT,
-    DeiTOutput,
-    create_model,
-    deit_forward,
-    flops_per_image,
-    forward_with_attention,
-    init_params,
-    param_count,
-    resample_pos_embed,
-)
-from deit.variants import VARIANTS, ModelSpec, get_spec
+The names below load on first use (PEP 562), so `import deit.data` in a grain worker process
+does not pay for importing JAX and Flax.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DeiT": "deit.model",
+    "DeiTOutput": "deit.model",
+    "create_model": "deit.model",
+    "deit_forward": "deit.model",
+    "flops_per_image": "deit.model",
+    "forward_with_attention": "deit.model",
+    "init_params": "deit.model",
+    "param_count": "deit.model",
+    "resample_pos_embed": "deit.model",
+    "VARIANTS": "deit.variants",
+    "ModelSpec": "deit.variants",
+    "get_spec": "deit.variants",
+}
+_SUBMODULES = ("convert", "data", "export", "train", "run", "visualize", "parallel", "teacher")
 
 
 def list_models() -> list[str]:
     """All registered variant names (timm's names and the tiny test variants)."""
+    from deit.variants import VARIANTS
+
     return list(VARIANTS)
 
 
-__all__ = [
-    "VARIANTS",
-    "DeiT",
-    "DeiTOutput",
-    "ModelSpec",
-    "create_model",
-    "deit_forward",
-    "flops_per_image",
-    "forward_with_attention",
-    "get_spec",
-    "init_params",
-    "list_models",
-    "param_count",
-    "resample_pos_embed",
-]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"deit.{name}")
+    raise AttributeError(f"module 'deit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_EXPORTS, *_SUBMODULES, "list_models", "__version__"])
+
+
+__all__ = [*_EXPORTS, "list_models"]
 __version__ = "0.1.0"

@@ -55,7 +55,7 @@ def measure_pipeline(
     source = Source(files, np.zeros(n, np.int32), ["0"])
     cfg = DataConfig(dataset="bench", img_size=img_size, workers=workers, repeats=1)
     tick = time.perf_counter()
-    it = train_batches(source, cfg, seed=0, epoch=0, global_batch=batch)
+    it = train_batches(source, cfg, seed=0, global_batch=batch)
     next(it)
     first = time.perf_counter() - tick
     count = batch + sum(len(b["label"]) for b in it)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +36,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--output", default=None)
-    p.add_argument("--workers", type=int, default=None, help="grain worker processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="grain worker processes for the whole run (default: one per usable core; 0: none)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--bad-images", choices=("error", "skip"), default=None)
+    p.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default=None,
+        help="an unreadable image stops the run (error, default) or is replaced and listed (skip)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=None, help="steps between logged metrics")
     p.add_argument("--fsdp", action="store_true", help="shard parameters over the devices")
@@ -208,6 +220,38 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{name:36} {count:>12,} {deit.flops_per_image(model) / 1e9:10.2f}")
 
 
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check or pack an image folder")
+    data = p.add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("check", help="decode every image of PATH/train and PATH/val")
+    c.add_argument("path", help="image folder (train/<class>/, val/<class>/) or shard folder")
+    c.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    k = data.add_parser("pack", help="write an image folder into ArrayRecord shards")
+    k.add_argument("path", help="image folder with train/<class>/ and val/<class>/")
+    k.add_argument("--out", required=True, help="new or empty folder for the shards")
+    k.add_argument("--records-per-shard", type=int, default=None)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from deit import data
+
+    if args.data_command == "pack":
+        extra = {}
+        if args.records_per_shard is not None:
+            extra["records_per_shard"] = args.records_per_shard
+        out = data.pack(args.path, args.out, **extra)
+        print(f"wrote {out}; train or evaluate from it with --data {out}")
+        return 0
+    bad = data.check_images(args.path, args.workers)
+    for name, reason in bad:
+        print(f"{name}: {reason}")
+    if bad:
+        print(f"{len(bad)} unreadable image(s) in {args.path}", file=sys.stderr)
+        return 1
+    print(f"every image in {args.path} decodes")
+    return 0
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="images/s and FLOP rate against timm, interleaved, one run")
     p.add_argument("--models", nargs="+", default=None, help="default: Ti and S, distilled")
@@ -267,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder or exported model folder")
     p.add_argument("--data", default="digits", help="image folder (uses val/) or digits")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="default: one per usable core")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p = sub.add_parser("predict", help="top-5 classes of image files")
     p.add_argument("--checkpoint", required=True)
@@ -288,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--together", action="store_true", help="all images in one attention.png")
     p.add_argument("images", nargs="*", help="image files (with --checkpoint)")
     sub.add_parser("info", help="registered variants with parameter counts and FLOPs")
+    _data_parser(sub)
     _bench_parser(sub)
     return parser
 
@@ -300,15 +345,37 @@ COMMANDS = {
     "visualize": cmd_visualize,
     "info": cmd_info,
     "bench": cmd_bench,
+    "data": cmd_data,
 }
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _show_library_messages() -> None:
+    logger = logging.getLogger("deit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     from deit.train import Interrupted
 
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except Interrupted as stop:
         print(f"deit {args.command}: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -318,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"deit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def imagenet() -> TrainConfig:
 
         deit train --recipe imagenet --data /data/imagenet --teacher /ckpt/regnety_160
     """
-    return TrainConfig(data=DataConfig(img_size=224, workers=8))
+    return TrainConfig(data=DataConfig(img_size=224))
 
 
 def digits() -> TrainConfig:
@@ -106,7 +106,7 @@ def digits() -> TrainConfig:
         randaugment="rand-m5-mstd0.5-inc1",
         crop_pct=1.0,
         repeats=1,
-        workers=0,
+        workers=0,  # 16x16 crops of in-memory arrays: a worker's start-up costs more than it saves
     )
     return TrainConfig(
         model="deit_digits_distilled_patch4_16",
@@ -153,7 +153,7 @@ def finetune() -> TrainConfig:
         output="runs/finetune",
         distillation="none",
         drop_path_rate=0.0,
-        data=DataConfig(img_size=224, workers=8),
+        data=DataConfig(img_size=224),
         optim=OptimConfig(opt="sgd", base_lr=0.01, weight_decay=1e-4, epochs=1000),
         erasing=ErasingConfig(prob=0.0),
     )

@@ -62,6 +62,14 @@ def finish(totals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def accumulate(totals: dict[str, dict[str, float]], sums: dict[str, dict[str, Any]]) -> None:
+    """Add one batch's `head_sums` (device arrays are fetched) into `totals`, in place."""
+    for head, values in jax.device_get(sums).items():
+        acc = totals.setdefault(head, dict.fromkeys(values, 0.0))
+        for key, value in values.items():
+            acc[key] += float(np.asarray(value))
+
+
 def evaluate(
     step_fn: Callable[[dict[str, jax.Array]], dict[str, dict[str, jax.Array]]],
     batches: Iterable[dict[str, Any]],
@@ -69,9 +77,5 @@ def evaluate(
     """Run `step_fn` (a jitted function of one batch returning `head_sums`) over all batches."""
     totals: dict[str, dict[str, float]] = {}
     for batch in batches:
-        sums = jax.device_get(step_fn(batch))
-        for head, values in sums.items():
-            acc = totals.setdefault(head, dict.fromkeys(values, 0.0))
-            for key, value in values.items():
-                acc[key] += float(np.asarray(value))
+        accumulate(totals, step_fn(batch))
     return finish(totals)

@@ -14,10 +14,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 
 class RunLogger:
@@ -51,6 +53,10 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
+    def log_start(self, values: dict[str, float]) -> None:
+        if self.enabled:
+            self._write({"kind": "start", **values})
+
     def log_train(self, step: int, epoch: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -80,3 +86,15 @@ class RunLogger:
             self.progress.stop()
             self.jsonl.close()
             self.tb.close()
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a rich task, e.g. `812 img/s`."""
+
+    def __init__(self, unit: str = "img/s") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} {self.unit}")

@@ -66,7 +66,7 @@ def _teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
 
 
 def resolve_teacher(
-    cfg: TrainConfig, train_src: data_lib.Source, val_src: data_lib.Source, resume: bool
+    cfg: TrainConfig, train_src: data_lib.RecordSource, val_src: data_lib.RecordSource, resume: bool
 ) -> tuple[Teacher, Path]:
     """`--teacher` as an exported folder, or a ResNet name trained into `OUTPUT/teacher` first
     (reused when that folder already holds a finished teacher)."""
@@ -196,6 +196,7 @@ def train_and_evaluate(
     if "val_ema" in results:
         summary["val_ema"] = results["val_ema"]
     summary["best"] = results["best"]
+    summary["bad_images"] = results["bad_images"]
     if pretrained is not None:
         summary["finetuned_from"] = pretrained.path
     if teacher is not None:
@@ -226,7 +227,7 @@ def exported_folder(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str, batch_size: int = 128, workers: int = 0
+    checkpoint: str | Path, data: str, batch_size: int = 128, workers: int | None = None
 ) -> dict[str, dict[str, float]]:
     """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
     folder = exported_folder(checkpoint)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import signal
 import threading
 import time
@@ -39,6 +40,8 @@ from deit.model import DeiTOutput
 from deit.optim import create_optimizer, ema_decay_at, ema_update
 from deit.progress import RunLogger
 from deit.teacher import Teacher, teacher_logits
+
+log = logging.getLogger("deit")
 
 
 @struct.dataclass
@@ -198,11 +201,12 @@ def make_teacher_eval_step(
 
 def run_eval(
     step_fn: Callable[[dict[str, jax.Array]], dict],
-    source: data_lib.Source,
+    source: data_lib.RecordSource,
     data_cfg: data_lib.DataConfig,
     mesh: Any,
     global_batch: int,
 ) -> dict[str, dict[str, float]]:
+    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`)."""
     batches = data_lib.eval_batches(
         source,
         data_cfg,
@@ -210,7 +214,11 @@ def run_eval(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    return eval_lib.evaluate(lambda b: step_fn(parallel.put_batch(b, mesh)), batches)
+    totals: dict[str, dict[str, float]] = {}
+    for batch in batches:
+        data_lib.take_bad(batch, source, data_cfg.bad_images)
+        eval_lib.accumulate(totals, step_fn(parallel.put_batch(batch, mesh)))
+    return eval_lib.finish(totals)
 
 
 class Interrupted(Exception):
@@ -256,18 +264,23 @@ def _check_finite(values: dict[str, float], step: int, ckpts: Checkpoints) -> No
         )
 
 
+def _weights(state: TrainState) -> dict[str, Any]:
+    """The weights evaluated each epoch: `val` (the trained ones) and `val_ema` (with EMA)."""
+    weights = {"val": state.params}
+    if state.ema_params is not None:
+        weights["val_ema"] = state.ema_params
+    return weights
+
+
 def evaluate_state(
     eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
     state: TrainState,
-    source: data_lib.Source,
+    source: data_lib.RecordSource,
     data_cfg: data_lib.DataConfig,
     mesh: Any,
     global_batch: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
-    weights = {"val": state.params}
-    if state.ema_params is not None:
-        weights["val_ema"] = state.ema_params
     return {
         split: run_eval(
             functools.partial(eval_step, params, state.batch_stats),
@@ -276,15 +289,37 @@ def evaluate_state(
             mesh,
             global_batch,
         )
-        for split, params in weights.items()
+        for split, params in _weights(state).items()
     }
+
+
+class _BadImages:
+    """Unreadable images met under `--bad-images skip`: counted, named at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.files: set[str] = set()
+
+    def add(self, source: data_lib.RecordSource, indices: list[int]) -> None:
+        self.count += len(indices)
+        self.files.update(source.name(i) for i in indices)
+
+    def report(self) -> list[str]:
+        files = sorted(self.files)
+        if files:
+            more = f" and {len(files) - 10} more" if len(files) > 10 else ""
+            log.warning(
+                f"skipped {len(files)} unreadable image(s) ({self.count} reads, each replaced by "
+                f"the next readable record): {', '.join(files[:10])}{more}"
+            )
+        return files
 
 
 def fit(
     model: Any,
     cfg: TrainConfig,
-    train_src: data_lib.Source,
-    val_src: data_lib.Source,
+    train_src: data_lib.RecordSource,
+    val_src: data_lib.RecordSource,
     *,
     teacher: Teacher | None = None,
     resume: bool = False,
@@ -295,10 +330,16 @@ def fit(
     """Train `model` on `train_src` with `cfg`, evaluating on `val_src` every epoch.
 
     `init_params` start the run instead of a fresh init (fine-tuning); a resumed run ignores them.
+    The teacher's variables are placed on the mesh once, like the student's (replicated, or
+    split the same way under `cfg.fsdp`). One grain pipeline (`data.run_batches`) feeds the
+    whole run, each epoch's validation batches following its training batches.
 
-    Writes to `cfg.output`: `metrics.jsonl`, TensorBoard events, `checkpoints/` (Orbax),
-    `best/` and `final/` (exported models, see `export.py`). Returns the final evaluation.
+    Writes to `cfg.output`: `metrics.jsonl` (its first line, `kind: start`, says how long the
+    first batch took from here), TensorBoard events, `checkpoints/` (Orbax), `best/` and
+    `final/` (exported models, see `export.py`). Returns the final evaluation, with
+    `bad_images`: the unreadable files replaced under `--bad-images skip`.
     """
+    started: float | None = time.perf_counter()
     out = Path(cfg.output).absolute()
     mesh = parallel.make_mesh()
     global_batch = cfg.batch_size
@@ -324,85 +365,134 @@ def fit(
         soft_reduction=cfg.soft_reduction,
         ema_decay=optim_cfg.ema_decay,
     )
-    image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
-    state = init_state(model, tx, step_cfg, cfg.seed, image_shape, init_params)
-    shardings = parallel.state_shardings(state, mesh, cfg.fsdp)
-    state = jax.device_put(state, shardings)
     ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
-    best = {"top1": -1.0, "epoch": -1}
-    if ckpts.latest_step() is not None:
-        if not resume:
-            raise ValueError(
-                f"{out} already holds a run (checkpoint at step {ckpts.latest_step()}); pass "
-                "--resume to continue it or choose another --output"
-            )
-        state, meta = ckpts.restore(abstract_like(state))
-        best = meta.get("best", best)
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, step_cfg),
-        donate_argnums=0,
-        out_shardings=(shardings, None),
-        compiler_options=compiler_options(model.dtype),
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        ckpts.close()
+        raise ValueError(
+            f"{out} already holds a run (checkpoint at step {latest}); pass "
+            "--resume to continue it or choose another --output"
+        )
+    # Started before the state is built and compiled, so the workers start meanwhile.
+    stream = data_lib.run_batches(
+        train_src,
+        val_src,
+        cfg.data,
+        seed=cfg.seed,
+        global_batch=global_batch,
+        epochs=cfg.epochs,
+        start_step=latest or 0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    eval_step = jax.jit(
-        make_eval_step(model, step_cfg.mean, step_cfg.std),
-        compiler_options=compiler_options(model.dtype),
-    )
+    try:
+        image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
+        state = init_state(model, tx, step_cfg, cfg.seed, image_shape, init_params)
+        shardings = parallel.state_shardings(state, mesh, cfg.fsdp)
+        state = jax.device_put(state, shardings)
+        best = {"top1": -1.0, "epoch": -1}
+        if latest is not None:
+            state, saved = ckpts.restore(abstract_like(state))
+            best = saved.get("best", best)
+            classes = saved.get("classes")
+            if classes is not None and classes != list(train_src.classes):
+                raise ValueError(
+                    f"the checkpoint in {ckpts.directory} was trained on {len(classes)} classes "
+                    f"{classes[:3]}... but the data has {len(train_src.classes)} "
+                    f"{list(train_src.classes)[:3]}...; expected the same class list"
+                )
+        meta = lambda best, epoch: {
+            "best": best,
+            "epoch": epoch,
+            "classes": list(train_src.classes),
+        }
+        if teacher is not None:
+            teacher = jax.device_put(teacher, parallel.state_shardings(teacher, mesh, cfg.fsdp))
+        train_step = jax.jit(
+            make_train_step(model, tx, schedule, step_cfg),
+            donate_argnums=0,
+            out_shardings=(shardings, None),
+            compiler_options=compiler_options(model.dtype),
+        )
+        eval_step = jax.jit(
+            make_eval_step(model, step_cfg.mean, step_cfg.std),
+            compiler_options=compiler_options(model.dtype),
+        )
+    except BaseException:
+        stream.close()
+        ckpts.close()
+        raise
     logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
     step = int(state.step)
     results: dict[str, Any] = {}
     stop = StopSignals()
+    bad = _BadImages()
+    eval_steps = -(-len(val_src) // global_batch)
+    totals: dict[str, dict[str, dict[str, float]]] = {}
+    evaluated = 0
+    tick, seen = time.perf_counter(), 0
     try:
-        for epoch in range(step // spe, cfg.epochs):
-            batches = data_lib.train_batches(
-                train_src,
-                cfg.data,
-                seed=cfg.seed,
-                epoch=epoch,
-                global_batch=global_batch,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                start_step=step - epoch * spe,
-            )
-            tick, seen = time.perf_counter(), 0
-            for batch in batches:
-                state, metrics = train_step(state, parallel.put_batch(batch, mesh), teacher)
-                step += 1
-                seen += global_batch
-                logger.advance(step)
-                stopping = stop.requested is not None
-                last = step == (epoch + 1) * spe
-                # The epoch's last step is saved after the evaluation below (with the new best);
-                # saving it here too would make Orbax refuse the second save of the step.
-                saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
-                if saving or step % cfg.log_every == 0 or last:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    _check_finite(values, step, ckpts)
-                    now = time.perf_counter()
-                    values["img_per_s"] = seen / max(now - tick, 1e-9)
-                    tick, seen = now, 0
-                    logger.log_train(step, epoch, values)
-                if saving:
-                    ckpts.save(step, state, {"best": best, "epoch": epoch}, wait=stopping)
-                if stopping:
-                    raise Interrupted(stop.requested, step, out)
-            results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
-            logger.log_eval(step, epoch, results)
-            which = max(results, key=lambda k: results[k]["avg"]["top1"])
-            if results[which]["avg"]["top1"] > best["top1"]:
-                best = {"top1": results[which]["avg"]["top1"], "epoch": epoch, "weights": which}
-                _export(out / "best", model, state, which == "val_ema", train_src, cfg, extra_meta)
-            ckpts.save(step, state, {"best": best, "epoch": epoch})
+        for kind, epoch, batch in stream:
+            source = train_src if kind == "train" else val_src
+            skipped = data_lib.take_bad(batch, source, cfg.data.bad_images)
+            bad.add(source, skipped)
+            if started is not None:
+                logger.log_start({"first_batch_s": time.perf_counter() - started})
+                started = None
+            if kind == "eval":
+                device_batch = parallel.put_batch(batch, mesh)
+                for split, params in _weights(state).items():
+                    sums = eval_step(params, state.batch_stats, device_batch)
+                    eval_lib.accumulate(totals.setdefault(split, {}), sums)
+                evaluated += 1
+                if evaluated < eval_steps:
+                    continue
+                results = {split: eval_lib.finish(t) for split, t in totals.items()}
+                totals, evaluated = {}, 0
+                logger.log_eval(step, epoch, results)
+                which = max(results, key=lambda k: results[k]["avg"]["top1"])
+                if results[which]["avg"]["top1"] > best["top1"]:
+                    top1 = results[which]["avg"]["top1"]
+                    best = {"top1": top1, "epoch": epoch, "weights": which}
+                    ema = which == "val_ema"
+                    _export(out / "best", model, state, ema, train_src, cfg, extra_meta)
+                ckpts.save(step, state, meta(best, epoch))
+                tick, seen = time.perf_counter(), 0
+                continue
+            del batch["mask"]
+            state, metrics = train_step(state, parallel.put_batch(batch, mesh), teacher)
+            step += 1
+            seen += global_batch
+            logger.advance(step)
+            stopping = stop.requested is not None
+            last = step % spe == 0
+            # The epoch's last step is saved after the evaluation (with the new best); saving
+            # it here too would make Orbax refuse the second save of the step.
+            saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
+            if saving or step % cfg.log_every == 0 or last:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(values, step, ckpts)
+                now = time.perf_counter()
+                values["img_per_s"] = seen / max(now - tick, 1e-9)
+                values["bad_images"] = bad.count
+                tick, seen = now, 0
+                logger.log_train(step, epoch, values)
+            if saving:
+                ckpts.save(step, state, meta(best, epoch), wait=stopping)
+            if stopping:
+                raise Interrupted(stop.requested, step, out)
         ckpts.wait()
         if not results:  # resumed a finished run: evaluate what it ended with
             results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
         _export(out / "final", model, state, False, train_src, cfg, extra_meta)
     finally:
+        stream.close()
         stop.restore()
         ckpts.close()
         logger.close()
     results["best"] = best
     results["steps"] = step
+    results["bad_images"] = bad.report()
     return results
 
 

@@ -1,0 +1,52 @@
+"""Data: where images come from and the host pipeline that turns them into batches.
+
+- `config`: `DataConfig`, the one place for data settings.
+- `sources`: the record-source interface, in-memory arrays and the built-in digits.
+- `index`: ImageFolder listing through a cached index (`FolderSource`).
+- `shards`: ArrayRecord shards, packed from a folder and read back (`ShardSource`).
+- `pipeline`: grain over a whole run, bad-image handling, `deit data check`.
+"""
+
+from deit.data.config import IMAGE_SUFFIXES, DataConfig, cache_home, usable_cores
+from deit.data.index import FolderSource, image_folder, index_folder
+from deit.data.pipeline import (
+    Plan,
+    check_images,
+    epoch_order,
+    eval_batches,
+    load_sources,
+    run_batches,
+    take_bad,
+    train_batches,
+)
+from deit.data.shards import ShardSource, open_shards, pack
+from deit.data.sources import BadImageError, RecordSource, Source, arrays, digits
+from deit.variants import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "BadImageError",
+    "DataConfig",
+    "FolderSource",
+    "Plan",
+    "RecordSource",
+    "ShardSource",
+    "Source",
+    "arrays",
+    "cache_home",
+    "check_images",
+    "digits",
+    "epoch_order",
+    "eval_batches",
+    "image_folder",
+    "index_folder",
+    "load_sources",
+    "open_shards",
+    "pack",
+    "run_batches",
+    "take_bad",
+    "train_batches",
+    "usable_cores",
+]

@@ -1,0 +1,396 @@
+"""The host input pipeline: sources -> per-image decode and augmentation (grain) -> this
+process's share of each global batch, for a whole run.
+
+A run is one grain pipeline over a `Plan`: for every epoch its training batches, then its
+validation batches, element `k` of the plan being one whole local batch. Worker processes start
+once, are handed batch numbers (the sources they read pickle as a few paths), and prefetch the
+validation set while the epoch's last steps train. Every random choice derives from
+`(seed, epoch, position)`: the epoch's order from `(seed, epoch)`, each image's augmentation from
+`(seed, epoch, position in the epoch)`, so batches do not depend on the worker count, a run that
+resumes at step `s` rebuilds exactly the batches an uninterrupted run would have seen, and each
+process of a multi-host run computes its own disjoint share of the same global order.
+
+An unreadable image is found where it is read. With `bad_images="error"` the batch comes back
+marked and `take_bad` raises `BadImageError` naming the file before anything trains on it; with
+"skip" the next readable record of the split stands in for it (deterministically, so a resumed
+run stays identical), it is masked out of evaluation, and `take_bad` returns it for the logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from deit.data import index, shards
+from deit.data.config import DataConfig
+from deit.data.sources import BadImageError, RecordSource, digits
+from deit.transforms import RandAugment, eval_transform, train_transform
+
+log = logging.getLogger("deit")
+
+# Reading threads per process (the main one with 0 workers, else each worker): PIL releases the
+# GIL while it decodes and resizes, so a second thread keeps a core busy during the Python parts.
+READ_THREADS = 2
+MAX_SUBSTITUTES = 64  # how far "skip" looks for a readable record before giving up
+CHECK_CHUNK = 256
+
+
+def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
+    """(train, val) for `cfg.dataset`: the built-in digits, a shard folder or an ImageFolder."""
+    if cfg.dataset == "digits":
+        return digits()
+    if shards.is_shard_folder(cfg.dataset):
+        return shards.open_shards(cfg.dataset)
+    return index.image_folder(cfg.dataset)
+
+
+def _spread(global_batch: int, repeats: int) -> np.ndarray:
+    """Positions `p -> i` that move sample `i` of a batch (copies of one image adjacent) so the
+    copies sit `ceil(B / repeats)` or one fewer apart."""
+    cols = -(-global_batch // repeats)
+    grid = np.full(cols * repeats, -1)
+    grid[:global_batch] = np.arange(global_batch)
+    order = grid.reshape(cols, repeats).T.ravel()
+    return order[order >= 0]
+
+
+def epoch_order(n: int, epoch: int, seed: int, global_batch: int, repeats: int) -> np.ndarray:
+    """Record indices of one epoch as `(steps, global_batch)`, the last partial batch dropped.
+
+    Repeated augmentation (Hoffer et al. 2020; DeiT §6): a shuffled `1/repeats` of the records,
+    each `repeats` times, so an epoch still has `n` samples. Within a batch the copies of one
+    image sit about `global_batch / repeats` apart, so whenever the batch is split into
+    contiguous shards over `d >= repeats` devices (any `d` dividing the batch), every copy is on
+    a different device, as the official sampler deals them out. With fewer devices than repeats
+    (1 or 2 for the recipe's 3) a device necessarily holds two copies. The layout does not depend
+    on the device count, so 1 and 8 devices train on identical batches.
+    """
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    order = np.repeat(rng.permutation(n), repeats)[:n]
+    steps = n // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"the training set has {n} samples, fewer than the global batch {global_batch}; "
+            "use a smaller --batch-size"
+        )
+    order = order[: steps * global_batch].reshape(steps, global_batch)
+    if repeats > 1:
+        order = order[:, _spread(global_batch, repeats)]
+    return order
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_order(n: int, epoch: int, seed: int, global_batch: int, repeats: int) -> np.ndarray:
+    return epoch_order(n, epoch, seed, global_batch, repeats)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The batches of a run in the order the loop takes them: per epoch `steps_per_epoch`
+    training batches, then `eval_steps` validation batches (the whole set, padded)."""
+
+    train_size: int
+    val_size: int
+    global_batch: int
+    epochs: int = 1
+    seed: int = 0
+    repeats: int = 1
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.global_batch
+
+    @property
+    def eval_steps(self) -> int:
+        return -(-self.val_size // self.global_batch)
+
+    @property
+    def local(self) -> int:
+        return self.global_batch // self.process_count
+
+    def __len__(self) -> int:
+        return self.epochs * (self.steps_per_epoch + self.eval_steps)
+
+    def element(self, k: int) -> tuple[str, int, int]:
+        """`("train", epoch, step in epoch)` or `("eval", epoch, batch)` of element `k`."""
+        epoch, j = divmod(k, self.steps_per_epoch + self.eval_steps)
+        if j < self.steps_per_epoch:
+            return "train", epoch, j
+        return "eval", epoch, j - self.steps_per_epoch
+
+    def position(self, step: int) -> int:
+        """The element of global training step `step` (the first of an epoch after its end)."""
+        if self.steps_per_epoch == 0:
+            return 0
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return epoch * (self.steps_per_epoch + self.eval_steps) + j
+
+
+@dataclass(frozen=True)
+class _MakeBatch:
+    """Element `k` of a `Plan` -> one local batch (runs in grain's workers; pickles small)."""
+
+    plan: Plan
+    train: Any
+    val: Any
+    cfg: DataConfig
+
+    @functools.cached_property
+    def randaugment(self) -> RandAugment | None:
+        return RandAugment.from_string(self.cfg.randaugment) if self.cfg.randaugment else None
+
+    def _read(self, source: Any, i: int) -> tuple[np.ndarray | None, int, int]:
+        """(image or None, label, bad index or -1): a substitute stands in under "skip"."""
+        try:
+            return source.load(i), int(source.labels[i]), -1
+        except ValueError:
+            if self.cfg.bad_images == "error":
+                return None, int(source.labels[i]), i
+        n = len(source)
+        for k in range(1, min(MAX_SUBSTITUTES, n)):
+            j = (i + k) % n
+            try:
+                return source.load(j), int(source.labels[j]), i
+            except ValueError:
+                continue
+        raise BadImageError(
+            f"{MAX_SUBSTITUTES} consecutive records from {source.name(i)} cannot be decoded; "
+            "expected mostly readable images (run deit data check on the folder)"
+        )
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        kind, epoch, j = self.plan.element(int(k))
+        p, size = self.plan, self.cfg.img_size
+        lo = p.process_index * p.local
+        blank = np.zeros((size, size, 3), np.uint8)
+        images, labels, bad, mask = [], [], [], []
+        if kind == "train":
+            order = _cached_order(p.train_size, epoch, p.seed, p.global_batch, p.repeats)
+            for slot in range(lo, lo + p.local):
+                image, label, b = self._read(self.train, int(order[j, slot]))
+                if image is not None:
+                    rng = np.random.default_rng([p.seed, epoch, j * p.global_batch + slot])
+                    image = train_transform(
+                        image,
+                        rng,
+                        size,
+                        scale=self.cfg.scale,
+                        ratio=self.cfg.ratio,
+                        hflip=self.cfg.hflip,
+                        randaugment=self.randaugment,
+                        interpolation=self.cfg.interpolation,
+                    )
+                images.append(blank if image is None else image)
+                labels.append(label)
+                bad.append(b)
+                mask.append(1.0)
+        else:
+            for slot in range(lo, lo + p.local):
+                position = j * p.global_batch + slot
+                i = min(position, p.val_size - 1)
+                image, label, b = self._read(self.val, i)
+                if image is not None:
+                    image = eval_transform(
+                        image,
+                        size,
+                        crop_pct=self.cfg.crop_pct,
+                        interpolation=self.cfg.interpolation,
+                    )
+                images.append(blank if image is None else image)
+                labels.append(label)
+                bad.append(b if position < p.val_size else -1)
+                mask.append(float(position < p.val_size and b < 0))
+        return {
+            "image": np.stack(images),
+            "label": np.asarray(labels, np.int32),
+            "mask": np.asarray(mask, np.float32),
+            "bad": np.asarray(bad, np.int32),
+        }
+
+
+def _stream(fn: _MakeBatch, start: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches `start, start + 1, ...` of `fn.plan`; worker processes start here, at once."""
+    ds = grain.MapDataset.range(start, len(fn.plan)).map(fn)
+    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS)
+    it = ds.to_iter_dataset(read)
+    if workers > 0:
+        from absl import flags
+
+        # grain's workers read absl flags, which only absl.app would otherwise parse.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+        it = it.mp_prefetch(options)
+    batches = iter(it)
+    if workers > 0:
+        batches.start_prefetch()  # type: ignore[attr-defined]
+    return _owned(batches, workers > 0)
+
+
+def _owned(batches: Any, shared: bool) -> Iterator[dict[str, np.ndarray]]:
+    try:
+        for batch in batches:
+            # Copies out of the workers' shared memory, which is then released at once rather
+            # than whenever the last view of it is collected.
+            yield {k: np.array(v) for k, v in batch.items()} if shared else batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def run_batches(
+    train: Any,
+    val: Any,
+    cfg: DataConfig,
+    *,
+    seed: int,
+    global_batch: int,
+    epochs: int,
+    start_step: int = 0,
+    evaluate: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[str, int, dict[str, np.ndarray]]]:
+    """`(kind, epoch, batch)` for a whole run from global step `start_step` on: each epoch's
+    training batches ("train"), then, with `evaluate`, the validation set ("eval").
+
+    Batches are this process's share: `{"image": uint8 (L, S, S, 3), "label": int32 (L,),
+    "mask": float32 (L,) (0 on padding and skipped images), "bad": int32 (L,) (the index of an
+    unreadable record, else -1; see `take_bad`)}` with `L = global_batch / process_count`.
+    """
+    epoch_order(len(train), 0, seed, global_batch, cfg.repeats)  # fail early on a tiny set
+    plan = Plan(
+        len(train),
+        len(val) if evaluate else 0,
+        global_batch,
+        epochs,
+        seed,
+        cfg.repeats,
+        process_index,
+        process_count,
+    )
+    start = plan.position(start_step)
+    batches = _stream(_MakeBatch(plan, train, val, cfg), start, cfg.num_workers)
+    return _labelled(plan, start, batches)
+
+
+def _labelled(plan: Plan, start: int, batches: Iterator) -> Iterator:
+    try:
+        for k, batch in enumerate(batches, start):
+            kind, epoch, _ = plan.element(k)
+            yield kind, epoch, batch
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+def train_batches(
+    source: Any,
+    cfg: DataConfig,
+    *,
+    seed: int,
+    global_batch: int,
+    epochs: int = 1,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the training batches of `epochs` epochs from `start_step` on
+    (`run_batches` without evaluation)."""
+    stream = run_batches(
+        source,
+        source,
+        cfg,
+        seed=seed,
+        global_batch=global_batch,
+        epochs=epochs,
+        start_step=start_step,
+        evaluate=False,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return (batch for _, _, batch in stream)
+
+
+def eval_batches(
+    source: Any,
+    cfg: DataConfig,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The whole set once, in order, padded to whole batches; `mask` is 0 on the padding."""
+    plan = Plan(0, len(source), global_batch, 1, 0, 1, process_index, process_count)
+    return _stream(_MakeBatch(plan, source, source, cfg), 0, cfg.num_workers)
+
+
+def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list[int]:
+    """Remove `batch["bad"]` and return the unreadable records it names; under "error" raise
+    `BadImageError` naming the first one instead (before anything trains on the batch)."""
+    bad = [int(i) for i in batch.pop("bad") if i >= 0]
+    if bad and bad_images == "error":
+        try:
+            source.load(bad[0])
+            reason = f"cannot decode image {source.name(bad[0])}"  # it failed in the worker
+        except ValueError as err:
+            reason = str(err)
+        raise BadImageError(
+            f"{reason}; stopped before training on it (the checkpoints written so far are kept). "
+            "Fix or remove it, or pass --bad-images skip; deit data check lists every "
+            "unreadable image"
+        )
+    return bad
+
+
+def _check_chunk(source: Any, lo: int, hi: int) -> list[tuple[str, str]]:
+    bad = []
+    for i in range(lo, hi):
+        try:
+            source.load(i)
+        except ValueError as err:
+            bad.append((source.name(i), str(err).split(": ", 1)[-1]))
+    return bad
+
+
+def check_images(
+    path: str | Path, workers: int | None = None, progress: bool = True
+) -> list[tuple[str, str]]:
+    """`deit data check`: decode every image of both splits in `workers` processes (one per
+    usable core by default), with a progress bar. Returns `(file, reason)` of each failure."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from deit.progress import RateColumn
+
+    cfg = DataConfig(dataset=str(path), workers=workers)
+    sources = load_sources(cfg)
+    jobs = [
+        (source, lo, min(lo + CHECK_CHUNK, len(source)))
+        for source in sources
+        for lo in range(0, len(source), CHECK_CHUNK)
+    ]
+    bad: list[tuple[str, str]] = []
+    columns = (BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    with (
+        Progress("decoding", *columns, console=console, disable=not progress) as bar,
+        ProcessPoolExecutor(max(cfg.num_workers, 1), mp_context=get_context("spawn")) as pool,
+    ):
+        task = bar.add_task("check", total=sum(len(s) for s in sources))
+        futures = [pool.submit(_check_chunk, *job) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            bad += future.result()
+            bar.advance(task, job[2] - job[1])
+    return bad

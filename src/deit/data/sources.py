@@ -1,0 +1,96 @@
+"""Random-access record sources: what every source offers, the in-memory one and the built-in set.
+
+A source has `classes`, `labels` (int32 `(N,)`), `len()`, `load(i)` (uint8 `(H, W, 3)`, or
+`ValueError` naming the record when it cannot be decoded) and `name(i)` (the file a record came
+from). Sources travel to grain's worker processes by pickling, so the on-disk ones
+(`index.FolderSource`, `shards.ShardSource`) pickle as a few paths and open their files lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from deit.transforms import decode_image
+
+# The built-in set: scikit-learn's digits, 1,797 8x8 grey images of 10 classes, split once,
+# stratified, 80/20 with this seed: 1,437 train / 360 val images.
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class RecordSource(Protocol):
+    classes: list[str]
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> np.ndarray: ...
+
+    def name(self, index: int) -> str: ...
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded was read while `bad_images` is "error"."""
+
+
+@dataclass
+class Source:
+    """An in-memory source: `images` are uint8 `(H, W, 3)` arrays or file paths."""
+
+    images: Sequence[Any]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> np.ndarray:
+        image = self.images[index]
+        if isinstance(image, np.ndarray):
+            return image
+        return decode_image(image)
+
+    def name(self, index: int) -> str:
+        image = self.images[index]
+        return f"record {index}" if isinstance(image, np.ndarray) else str(image)
+
+
+def digits() -> tuple[Source, Source]:
+    """scikit-learn's digits as RGB uint8 8x8 images; the fixed stratified split above."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = data.target.astype(np.int32)
+    tr, va = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_VAL_FRACTION,
+        stratify=labels,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    classes = [str(c) for c in data.target_names]
+    return Source(images[tr], labels[tr], classes), Source(images[va], labels[va], classes)
+
+
+def arrays(images: np.ndarray, labels: np.ndarray, classes: list[str] | None = None) -> Source:
+    """Numpy images `(N, H, W, 3)` uint8 (grey `(N, H, W)` is repeated to RGB) and labels `(N,)`."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images are {images.dtype}{tuple(images.shape)}; expected uint8 (N, H, W, 3)"
+        )
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels have shape {labels.shape}; expected ({len(images)},)")
+    classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
+    return Source(list(images), labels, classes)
