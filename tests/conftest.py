@@ -4,3 +4,12 @@ import os
 
 # Two fake CPU devices: every training test then exercises the sharded batch path.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deit_home(tmp_path_factory):
+    """Folder indexes (and anything else cached) go to a fresh folder, never ~/.cache/deit."""
+    os.environ["DEIT_HOME"] = str(tmp_path_factory.mktemp("deit_home"))

@@ -2,7 +2,7 @@
 (the device count must be fixed before JAX starts). Writes the run folder given as --output.
 
     python tests/parallel_worker.py --devices 4 --output DIR [--fsdp] [--dtype bfloat16]
-        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+        [--distillation soft|hard] [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 """
 
 import argparse
@@ -18,6 +18,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--distillation", default="none", choices=("none", "soft", "hard"))
     p.add_argument("--coordinator", default=None)
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -42,7 +43,7 @@ def main() -> None:
         epochs=1,
         batch_size=args.batch,
         output=args.output,
-        distillation="none",
+        distillation=args.distillation,
         fsdp=args.fsdp,
         dtype=args.dtype,
         data=dataclasses.replace(base.data, img_size=16),
@@ -59,7 +60,18 @@ def main() -> None:
         drop_path_rate=0.1,
         dtype=args.dtype,
     )
-    fit(model, cfg, subset, val)
+    teacher = None
+    if args.distillation != "none":
+        # A fixed random ResNet-8: every process builds the same one, on its own devices.
+        import jax
+        import jax.numpy as jnp
+
+        from deit.teacher import Teacher, create_teacher
+
+        net = create_teacher("resnet8", 10, small_input=True)
+        variables = net.init(jax.random.PRNGKey(7), jnp.zeros((1, 16, 16, 3)), train=False)
+        teacher = Teacher.from_resnet(net, variables, base.data.mean, base.data.std, 16)
+    fit(model, cfg, subset, val, teacher=teacher)
     sys.stdout.flush()
 
 

@@ -46,13 +46,16 @@ def train_args(root, tmp_path, *extra):
 
 
 def one_line_error(capsys, argv) -> str:
-    """Runs `deit ARGV`, checks exit code 2 and a single stderr line, returns that line."""
+    """Runs `deit ARGV`, checks exit code 2 and that the error is one line, the last on stderr
+    (progress and data summaries may come before it), and returns that line."""
     code = cli.main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"deit {argv[0]}: error: ")
-    return err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith(f"deit {argv[0]}: ")]
+    assert len(errors) == 1 and err.endswith(errors[0]), err
+    assert errors[0].startswith(f"deit {argv[0]}: error: ")
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,35 +89,72 @@ UNDECODABLE = {
 
 @pytest.mark.parametrize("kind", sorted(UNDECODABLE))
 def test_undecodable_file(kind, tmp_path, model_dir, capsys):
-    root = make_folder(tmp_path / "data")
-    bad = root / "train" / "dog" / "bad.jpg"
+    root = make_folder(tmp_path / "data", per_class=4)
+    bad = root / "val" / "dog" / "bad.jpg"  # evaluation reads every image
     bad.write_bytes(UNDECODABLE[kind])
     err = one_line_error(capsys, train_args(root, tmp_path))
-    assert f"1 image(s) cannot be decoded: {bad} (the first: " in err
-    assert "--bad-images skip" in err
+    assert f"cannot decode image {bad}: " in err
+    assert "stopped where it was read" in err and "--bad-images skip" in err
     err = one_line_error(capsys, ["predict", "--checkpoint", model_dir, bad])
     assert f"cannot decode image {bad}: " in err
 
 
-def test_bad_images_error_lists_every_offending_path(tmp_path, capsys):
-    root = make_folder(tmp_path / "data")
-    bad = [root / "train" / "cat" / "empty.png", root / "train" / "dog" / "notes.jpg"]
+def test_data_check_lists_every_offending_path(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", per_class=4)
+    bad = [root / "train" / "cat" / "0.png", root / "val" / "cat" / "notes.jpg"]
     bad[0].write_bytes(b"")
     bad[1].write_text("not an image")
-    err = one_line_error(capsys, train_args(root, tmp_path, "--bad-images", "error"))
-    assert f"2 image(s) cannot be decoded: {bad[0]}, {bad[1]} (the first: " in err
-    assert one_line_error(capsys, train_args(root, tmp_path)) == err  # error is the default
+    assert cli.main(["data", "check", str(root), "--workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(p) for p in bad]
+    assert "2 unreadable image(s)" in err
+    first = one_line_error(capsys, train_args(root, tmp_path, "--bad-images", "error"))
+    assert any(f"cannot decode image {p}: " in first for p in bad)  # the first one read
+    assert one_line_error(capsys, train_args(root, tmp_path)) == first  # error is the default
 
 
 def test_image_over_the_decompression_bomb_limit(tmp_path, model_dir, monkeypatch, capsys):
-    root = make_folder(tmp_path / "data")
+    root = make_folder(tmp_path / "data", per_class=4)
     big = root / "val" / "cat" / "0.png"  # 144 pixels, more than twice the limit below
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
     err = one_line_error(capsys, ["predict", "--checkpoint", model_dir, big])
     assert f"cannot decode image {big}: over the decompression-bomb limit" in err
     assert "MAX_IMAGE_PIXELS=50" in err
     err = one_line_error(capsys, train_args(root, tmp_path))
-    assert "6 image(s) cannot be decoded" in err and "decompression-bomb limit" in err
+    assert "cannot decode image" in err and "decompression-bomb limit" in err
+
+
+def test_unreadable_image_mid_epoch_keeps_the_last_checkpoint(tmp_path, capsys):
+    """The run stops at the step that reads the file; checkpoints before it are kept, whole."""
+    from deit import configs, data
+    from deit.checkpoint import Checkpoints
+
+    root = make_folder(tmp_path / "data", per_class=8)
+    bad = root / "train" / "dog" / "9.png"  # record 16 of 17: the last one
+    bad.write_bytes(b"")
+    repeats = configs.recipe("imagenet").data.repeats  # the recipe train_args runs
+
+    def first_read(seed: int) -> tuple[int, int] | None:
+        for epoch in (0, 1):
+            hits = np.argwhere(data.epoch_order(17, epoch, seed, 4, repeats) == 16)
+            if len(hits):
+                return epoch, int(hits[0][0])
+        return None
+
+    seed = 0  # a seed that reads it after two steps or more, so checkpoints precede it
+    while (read := first_read(seed)) is None or read[0] * 4 + read[1] < 2:
+        seed += 1
+    epoch, step = read
+    argv = train_args(root, tmp_path, "--checkpoint-every", "1", "--seed", str(seed))
+    argv[argv.index("--epochs") + 1] = "2"
+    argv[argv.index("--batch-size") + 1] = "4"
+    err = one_line_error(capsys, argv)
+    assert f"cannot decode image {bad}" in err
+    ckpts = Checkpoints(tmp_path / "run" / "checkpoints")
+    try:
+        assert ckpts.latest_step() == epoch * 4 + step
+    finally:
+        ckpts.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,15 +236,21 @@ def test_different_classes_in_train_and_val(tmp_path, capsys):
 @pytest.mark.slow
 def test_bad_images_skip_reports_the_count_and_trains(tmp_path, capsys):
     root = make_folder(tmp_path / "data", per_class=8)
-    (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
-    (root / "train" / "dog" / "cut.jpg").write_bytes(_truncated_jpeg())
-    (root / "val" / "dog" / "notes.jpg").write_text("not an image")
+    bad = [root / "train" / "cat" / "empty.jpg", root / "train" / "dog" / "cut.jpg"]
+    bad += [root / "val" / "dog" / "notes.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(_truncated_jpeg())
+    bad[2].write_text("not an image")
     assert cli.main(train_args(root, tmp_path, "--bad-images", "skip")) == 0
-    out = capsys.readouterr().out
-    assert "skipped 2 image(s) that cannot be decoded" in out  # train
-    assert "skipped 1 image(s) that cannot be decoded" in out  # val
+    err = capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["val"]["avg"]["count"] == 2 * 8
+    assert results["val"]["avg"]["count"] == 2 * 8  # the unreadable one is left out
+    # Repeated augmentation reads a third of the training images per epoch (each 3 times).
+    listed = results["bad_images"]
+    assert str(bad[2]) in listed and set(listed) <= {str(p) for p in bad}
+    assert f"skipped {len(listed)} unreadable image(s)" in err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["bad_images"] for x in lines if x["kind"] == "train"][-1] >= 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +325,8 @@ def test_pickle_naming_a_disallowed_global_is_refused(layout, tmp_path, capsys):
         (["--lr", "0"], "lr 0.0"),
         (["--epochs", "0"], "epochs 0; expected a positive number"),
         (["--img-size", "0"], "img_size 0; expected a positive size"),
-        (["--workers", "-1"], "workers -1; expected 0 (in-process) or more"),
+        (["--workers", "-1"], "workers -1; expected 0 (decode in this process) to "),
+        (["--workers", "100000"], "workers 100000; expected 0 (decode in this process) to "),
         (["--checkpoint-every", "0"], "--checkpoint-every 0; expected 1 or more steps"),
         (["--log-every", "-5"], "--log-every -5; expected 1 or more steps"),
         (

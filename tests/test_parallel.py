@@ -78,24 +78,37 @@ def test_fsdp_equals_replicated(tmp_path, four_devices):
     assert_same_params(final_params(sharded), final_params(four_devices))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def soft_one_device(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("soft") / "one"
+    run_worker(out, "--devices", "1", "--distillation", "soft")
+    return out
 
 
-def test_two_processes_match_one(tmp_path):
-    single = tmp_path / "single"
-    run_worker(single, "--devices", "4", "--steps", "3")
-    multi = tmp_path / "multi"
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_distillation_on_one_device_equals_four(tmp_path, soft_one_device, fsdp):
+    """The teacher is placed on the mesh (replicated, or split like the student under FSDP):
+    soft distillation, whose loss depends on every teacher logit, logs the same losses."""
+    one = soft_one_device
+    four = tmp_path / "four"
+    run_worker(four, "--devices", "4", "--distillation", "soft", *(["--fsdp"] if fsdp else []))
+    lines = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    kd = [x["kd_loss"] for x in lines if x["kind"] == "train"]
+    assert len(kd) == 5 and min(kd) > 0
+    np.testing.assert_allclose(losses(four), losses(one), rtol=1e-5)
+    assert_same_params(final_params(four), final_params(one))
+
+
+def two_processes(out: Path, *extra: str) -> None:
+    """`parallel_worker.py` as 2 processes x 2 devices on loopback, writing `out`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
             [
-                *(sys.executable, str(WORKER), "--output", str(multi), "--devices", "2"),
-                *("--steps", "3", "--coordinator", f"127.0.0.1:{port}"),
-                *("--num-processes", "2", "--process-id", str(i)),
+                *(sys.executable, str(WORKER), "--output", str(out), "--devices", "2"),
+                *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
+                *("--process-id", str(i), *extra),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -110,6 +123,28 @@ def test_two_processes_match_one(tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+
+
+def test_distillation_on_two_processes_equals_one(tmp_path):
+    single = tmp_path / "single"
+    run_worker(single, "--devices", "1", "--steps", "3", "--distillation", "hard")
+    multi = tmp_path / "multi"
+    two_processes(multi, "--steps", "3", "--distillation", "hard")
+    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
+    assert_same_params(final_params(multi), final_params(single))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    run_worker(single, "--devices", "4", "--steps", "3")
+    multi = tmp_path / "multi"
+    two_processes(multi, "--steps", "3")
     np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
     # One checkpoint, written collectively, that this single 2-device process restores.
     assert [p.name for p in (multi / "checkpoints").iterdir()] == ["3"]

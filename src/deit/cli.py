@@ -6,10 +6,12 @@ Errors in what the user gave (a bad flag value, file or folder) print one line a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -361,21 +363,29 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _show_library_messages() -> None:
+@contextlib.contextmanager
+def _library_messages() -> Iterator[None]:
+    """The library's `logging.getLogger("deit")` messages on stderr while a command runs."""
     logger = logging.getLogger("deit")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
+    handler, level, propagate = _StderrHandler(), logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _show_library_messages()
     from deit.train import Interrupted
 
     try:
-        code = COMMANDS[args.command](args)
+        with _library_messages():
+            code = COMMANDS[args.command](args)
     except Interrupted as stop:
         print(f"deit {args.command}: {stop}", file=sys.stderr)
         return 128 + stop.signum

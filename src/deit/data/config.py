@@ -9,7 +9,8 @@ from pathlib import Path
 from deit.transforms import RandAugment
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# torchvision's IMG_EXTENSIONS, and .gif.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BAD_IMAGES = ("error", "skip")
 # More worker processes than this many per usable core only add start-up time and memory.
 MAX_WORKERS_PER_CORE = 4

@@ -1,15 +1,18 @@
 """ImageFolder listing: a parallel directory scan, cached as a small index that later starts reuse.
 
-The layout is torchvision's `ImageFolder`: `root/<class>/**/<image>`, classes in sorted folder
-order, files sorted by their path inside the class folder; hidden files and folders (a leading
-dot) and files without an image suffix are ignored. Nothing is decoded here: an unreadable image
+The layout and order are torchvision's `ImageFolder`: `root/<class>/**/<image>`, classes in sorted
+folder order, then folder by folder in sorted path order, files sorted within each; hidden files
+and folders (a leading dot) and files without an image suffix (torchvision's, and `.gif`) are
+ignored. Nothing is decoded here: an unreadable image
 is found when the pipeline reads it (see `pipeline.py`), or up front by `deit data check`.
 
 The index lives in `cache_home()/index/<hash of the folder's real path>/`: `meta.json` (classes,
 counts, the modification time of every folder scanned) and two `.npy` arrays (relative paths,
 labels) that worker processes memory-map, so each reads only the records it is handed. A start
 compares the folders' modification times with the index, one `stat` per folder: adding, removing
-or renaming a file changes its folder's time, and the folder is then scanned again.
+or renaming a file changes its folder's time, and the folder is then scanned again. A folder whose
+time is not older than the scan that wrote the index counts as changed (a file added in the same
+clock tick as the scan would otherwise go unseen), as git treats its own index.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def _scan_class(folder: str) -> tuple[list[str], dict[str, list[int]]]:
                     todo.append((f"{name}/", entry.path))
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                     files.append(name)
-    return sorted(files), dirs
+    # torchvision's order: folder by folder (sorted paths), files sorted within each.
+    return sorted(files, key=lambda f: os.path.split(f)), dirs
 
 
 def class_folders(root: Path) -> list[str]:
@@ -67,10 +71,11 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
-def _unchanged(dirs: dict[str, list[int]]) -> bool:
+def _unchanged(dirs: dict[str, list[int]], scanned_ns: int) -> bool:
     try:
         return all(
-            [(st := os.stat(d)).st_mtime_ns, st.st_size] == stamp for d, stamp in dirs.items()
+            [(st := os.stat(d)).st_mtime_ns, st.st_size] == stamp and stamp[0] < scanned_ns
+            for d, stamp in dirs.items()
         )
     except OSError:
         return False
@@ -97,6 +102,11 @@ class FolderSource:
 
     def __len__(self) -> int:
         return sum(self.counts)
+
+    @property
+    def listing(self) -> str:
+        """Names this exact listing (a digest of every path): a changed folder gets another."""
+        return self._files["paths"]
 
     @property
     def labels(self) -> np.ndarray:
@@ -126,8 +136,9 @@ class FolderSource:
         )
 
 
-def _write_index(folder: Path, root: Path, classes: list[str]) -> dict[str, Any]:
-    tick = time.perf_counter()
+def _scan(root: Path, classes: list[str]) -> dict[str, Any]:
+    """The listing of `root` as index metadata plus its `paths` and `labels` arrays."""
+    tick, scanned_ns = time.perf_counter(), time.time_ns()
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         scans = list(pool.map(_scan_class, [str(root / c) for c in classes]))
     dirs = {str(root): [(st := os.stat(root)).st_mtime_ns, st.st_size]}
@@ -144,7 +155,7 @@ def _write_index(folder: Path, root: Path, classes: list[str]) -> dict[str, Any]
         dirs.update(walked)
     paths = np.array([p.encode("utf-8", "surrogateescape") for p in rel])
     digest = hashlib.sha1(paths.tobytes()).hexdigest()[:12]
-    meta = {
+    return {
         "version": INDEX_VERSION,
         "root": str(root),
         "classes": classes,
@@ -152,10 +163,16 @@ def _write_index(folder: Path, root: Path, classes: list[str]) -> dict[str, Any]
         "paths": f"paths-{digest}.npy",
         "labels": f"labels-{digest}.npy",
         "dirs": dirs,
+        "scanned_ns": scanned_ns,
         "scan_seconds": time.perf_counter() - tick,
+        "arrays": {"paths": paths, "labels": np.asarray(labels, np.int32)},
     }
+
+
+def _write_index(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    arrays = meta.pop("arrays")
     folder.mkdir(parents=True, exist_ok=True)
-    for key, array in (("paths", paths), ("labels", np.asarray(labels, np.int32))):
+    for key, array in arrays.items():
         tmp = folder / f".{meta[key]}.{os.getpid()}.tmp"
         with tmp.open("wb") as f:
             np.save(f, array)
@@ -182,14 +199,15 @@ def index_folder(root: str | Path, classes: list[str] | None = None) -> FolderSo
         meta = json.loads((folder / "meta.json").read_text())
     if meta is not None:
         same = meta.get("version") == INDEX_VERSION and meta.get("classes") == classes
-        if same and _unchanged(meta["dirs"]) and found == classes:
+        if same and _unchanged(meta["dirs"], meta["scanned_ns"]) and found == classes:
             note = "index reused"
         else:
             log.info(f"note: {root} changed since its index was written; indexing it again")
             meta = None
     if meta is None:
+        meta = _scan(root, classes)
         try:
-            meta = _write_index(folder, root, classes)
+            meta = _write_index(folder, meta)
         except OSError as err:
             raise ValueError(
                 f"cannot write the folder index in {folder} ({err.strerror}); expected a "

@@ -338,7 +338,7 @@ def eval_batches(
 
 def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list[int]:
     """Remove `batch["bad"]` and return the unreadable records it names; under "error" raise
-    `BadImageError` naming the first one instead (before anything trains on the batch)."""
+    `BadImageError` naming the first one instead (before anything uses the batch)."""
     bad = [int(i) for i in batch.pop("bad") if i >= 0]
     if bad and bad_images == "error":
         try:
@@ -347,7 +347,7 @@ def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list
         except ValueError as err:
             reason = str(err)
         raise BadImageError(
-            f"{reason}; stopped before training on it (the checkpoints written so far are kept). "
+            f"{reason}; stopped where it was read (the checkpoints written so far are kept). "
             "Fix or remove it, or pass --bad-images skip; deit data check lists every "
             "unreadable image"
         )

@@ -177,7 +177,12 @@ def pack(
         raise ValueError(f"records_per_shard {records_per_shard}; expected 1 or more")
     out = Path(out).absolute()
     train, val = image_folder(folder)
-    marker = {"folder": str(Path(folder).absolute()), "records_per_shard": records_per_shard}
+    marker = {
+        "folder": str(Path(folder).absolute()),
+        "records_per_shard": records_per_shard,
+        # The listing each shard was cut from: a folder changed since means start again.
+        "listings": [train.listing, val.listing],
+    }
     if out.exists() and any(out.iterdir()):
         previous = None
         if (out / MARKER).is_file():
@@ -185,7 +190,7 @@ def pack(
         if previous != marker:
             raise ValueError(
                 f"{out} is not empty; expected a new or empty folder (or an unfinished pack of "
-                "the same folder, which is continued)"
+                "the same, unchanged folder with the same settings, which is continued)"
             )
         log.info(f"continuing the unfinished pack in {out}")
     out.mkdir(parents=True, exist_ok=True)
