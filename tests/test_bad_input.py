@@ -340,3 +340,57 @@ def test_out_of_range_train_flags(flags, message, tmp_path, capsys):
     argv += ["--distillation", "none", *flags]
     assert message in one_line_error(capsys, argv)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed shards
+
+
+def test_pack_into_a_non_empty_folder(tmp_path, capsys):
+    root = make_folder(tmp_path / "data")
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = one_line_error(capsys, ["data", "pack", root, "--out", out])
+    assert f"{out} is not empty; expected a new or empty folder" in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_pack_continues_only_an_unchanged_folder(tmp_path, monkeypatch, capsys):
+    from deit.data import shards
+
+    root = make_folder(tmp_path / "data")
+    out = tmp_path / "shards"
+    calls = []
+
+    def fail_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk pulled out")
+        return real(*args)
+
+    real = shards._write_shard
+    monkeypatch.setattr(shards, "_write_shard", fail_second)
+    with pytest.raises(OSError, match="disk pulled out"):
+        shards.pack(root, out, records_per_shard=2, threads=1, progress=False)
+    monkeypatch.setattr(shards, "_write_shard", real)
+    (root / "train" / "cat" / "0.png").unlink()  # the listing the first shard came from is gone
+    err = one_line_error(capsys, ["data", "pack", root, "--out", out, "--records-per-shard", "2"])
+    assert "is not empty" in err and "unchanged folder" in err
+    err = one_line_error(capsys, [*train_args(root, tmp_path), "--data", out])
+    assert "unfinished pack" in err
+
+
+@pytest.mark.slow
+def test_shards_with_another_class_list_than_the_checkpoint(tmp_path, capsys):
+    cats = make_folder(tmp_path / "cats", per_class=4)
+    birds = make_folder(tmp_path / "birds", classes=["bird", "cat"], per_class=4)
+    for name, folder in (("cat-shards", cats), ("bird-shards", birds)):
+        assert cli.main(["data", "pack", str(folder), "--out", str(tmp_path / name)]) == 0
+    assert cli.main(train_args(tmp_path / "cat-shards", tmp_path)) == 0
+    capsys.readouterr()
+    resume = train_args(tmp_path / "bird-shards", tmp_path, "--resume")
+    err = one_line_error(capsys, resume)
+    assert "was trained on 2 classes ['cat', 'dog']" in err and "['bird', 'cat']" in err
+    evaluate = ["eval", "--checkpoint", tmp_path / "run", "--data", tmp_path / "bird-shards"]
+    assert "was trained on classes ['cat', 'dog']" in one_line_error(capsys, evaluate)

@@ -329,3 +329,43 @@ def test_resume_with_another_model_names_the_differing_arrays(reference, tmp_pat
     assert err.startswith("deit train: error: the checkpoint at step 44")
     assert "is of another model" in err
     assert "params/dist_token" in err and "params/pos_embed (1, 18, 32) != (1, 17, 32)" in err
+
+
+def image_folder_with_bad_images(root: Path) -> Path:
+    """2 classes x 24 random 12x12 PNGs per split; two unreadable files in train, one in val."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(24):
+                pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:02d}.png")
+    for path in ("train/cat/05.png", "train/dog/17.png", "val/dog/03.png"):
+        (root / path).write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.slow
+def test_sigkill_with_skipped_bad_images_then_resume_is_bit_identical(compile_cache, tmp_path):
+    data = image_folder_with_bad_images(tmp_path / "data")
+    # 48 images, batch 8: 6 steps per epoch, 12 in all; a checkpoint every 2 steps.
+    extra = ("--data", str(data), "--bad-images", "skip", "--batch-size", "8", "--workers", "1")
+    reference = Run(tmp_path / "reference", *extra, cache=compile_cache)
+    reference.finish()
+    out = tmp_path / "run"
+    first = Run(out, *extra, cache=compile_cache)
+    first.wait_for_checkpoint(8)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    assert max(finished_steps(out)) < 12
+    Run(out, *extra, "--resume", cache=compile_cache).finish()
+    assert_same_params(final_params(reference.out), out)
+    expected = json.loads((reference.out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["val"] == expected["val"]
+    assert results["val"]["avg"]["count"] == 47
+    assert str(data / "val" / "dog" / "03.png") in expected["bad_images"]
+    # The resumed run met (at least) the bad images of the steps after the kill, the same ones.
+    assert set(results["bad_images"]) <= set(expected["bad_images"])

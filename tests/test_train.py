@@ -140,7 +140,6 @@ def test_bfloat16_training_keeps_float32_state_and_learns():
             train_src,
             dataclasses.replace(configs.digits().data, img_size=16),
             seed=0,
-            epoch=0,
             global_batch=32,
         )
     )

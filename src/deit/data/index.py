@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,8 @@ from deit.transforms import decode_image
 log = logging.getLogger("deit")
 
 INDEX_VERSION = 1
+# np.load is not safe to call from several threads at once (seen on Python 3.11).
+OPEN_LOCK = threading.Lock()
 SCAN_THREADS = 16  # directory listing waits on the file system, not the CPU
 SHOWN_FILES = 2
 
@@ -94,7 +97,10 @@ class FolderSource:
 
     def _array(self, key: str) -> np.ndarray:
         if key not in self._arrays:
-            self._arrays[key] = np.load(self.index_dir / self._files[key], mmap_mode="r")
+            with OPEN_LOCK:  # grain's reading threads get here together
+                if key not in self._arrays:
+                    path = self.index_dir / self._files[key]
+                    self._arrays[key] = np.load(path, mmap_mode="r")
         return self._arrays[key]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -199,7 +205,7 @@ def index_folder(root: str | Path, classes: list[str] | None = None) -> FolderSo
         meta = json.loads((folder / "meta.json").read_text())
     if meta is not None:
         same = meta.get("version") == INDEX_VERSION and meta.get("classes") == classes
-        if same and _unchanged(meta["dirs"], meta["scanned_ns"]) and found == classes:
+        if same and _unchanged(meta["dirs"], meta.get("scanned_ns", 0)) and found == classes:
             note = "index reused"
         else:
             log.info(f"note: {root} changed since its index was written; indexing it again")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from deit.data.index import FolderSource, image_folder
+from deit.data.index import OPEN_LOCK, FolderSource, image_folder
 from deit.transforms import decode_image
 
 log = logging.getLogger("deit")
@@ -81,15 +81,19 @@ class ShardSource:
     @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
-            self._labels = np.load(self.folder / self._labels_file, mmap_mode="r")
+            with OPEN_LOCK:  # grain's reading threads get here together
+                if self._labels is None:
+                    self._labels = np.load(self.folder / self._labels_file, mmap_mode="r")
         return self._labels
 
     def record(self, index: int) -> tuple[int, str, bytes]:
         if self._reader is None:
             import grain
 
-            paths = [str(self.folder / s["file"]) for s in self.shards]
-            self._reader = grain.sources.ArrayRecordDataSource(paths)
+            with OPEN_LOCK:
+                if self._reader is None:
+                    paths = [str(self.folder / s["file"]) for s in self.shards]
+                    self._reader = grain.sources.ArrayRecordDataSource(paths)
         return decode_record(self._reader[int(index)])
 
     def name(self, index: int) -> str:
