@@ -13,3 +13,10 @@ import pytest
 def _deit_home(tmp_path_factory):
     """Folder indexes (and anything else cached) go to a fresh folder, never ~/.cache/deit."""
     os.environ["DEIT_HOME"] = str(tmp_path_factory.mktemp("deit_home"))
+
+
+@pytest.fixture
+def deit_home(tmp_path, monkeypatch):
+    """A per-test DEIT_HOME, for tests that count or break what is cached there."""
+    monkeypatch.setenv("DEIT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

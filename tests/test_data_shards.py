@@ -21,12 +21,8 @@ CLASSES = ["cat", "dog"]
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """Indexes go to a per-test DEIT_HOME, and "deit" messages reach caplog (the CLI turns
-    propagation off when a test runs it)."""
-    monkeypatch.setenv("DEIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(logging.getLogger("deit"), "propagate", True)
-    return tmp_path / "home"
+def home(deit_home):
+    return deit_home
 
 
 def write_image(path: Path, rng: np.random.Generator) -> None:
