@@ -17,6 +17,9 @@ def _deit_home(tmp_path_factory):
 
 @pytest.fixture
 def deit_home(tmp_path, monkeypatch):
-    """A per-test DEIT_HOME, for tests that count or break what is cached there."""
+    """A per-test DEIT_HOME, for tests that count or break what is cached there. Folders these
+    tests write are seconds old at most, so the index's 2 s "racily clean" margin is off here
+    (tests/test_data_index.py checks it on its own)."""
     monkeypatch.setenv("DEIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("deit.data.index.RACY_MARGIN_NS", 0)
     return tmp_path / "home"

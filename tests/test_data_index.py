@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,22 @@ def test_unwritable_cache_is_one_line_naming_deit_home(tmp_path, monkeypatch, wh
         "to one",
         message,
     ), message
+
+
+def test_a_folder_changed_within_the_margin_of_the_scan_is_scanned_again(
+    tmp_path, monkeypatch, caplog
+):
+    """A file added in the same clock tick as the scan must not be missed: folders younger than
+    the margin before the scan count as changed until they are older."""
+    monkeypatch.setattr(index, "RACY_MARGIN_NS", 2_000_000_000)
+    root = make_folder(tmp_path / "data")
+    with caplog.at_level(logging.INFO, logger="deit"):
+        data.image_folder(root)
+        data.image_folder(root)  # the folders are seconds old: not trusted yet
+        past = time.time_ns() - 10_000_000_000
+        for folder in [root / "train", *(root / "train").iterdir()]:
+            os.utime(folder, ns=(past, past))
+        data.image_folder(root)  # rescans once more (the stamps changed) and records them
+        data.image_folder(root)
+    train_lines = [r.message for r in caplog.records if "/train:" in r.message]
+    assert ["index reused" in m for m in train_lines] == [False, False, False, True]

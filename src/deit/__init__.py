@@ -7,6 +7,7 @@ does not pay for importing JAX and Flax.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 _EXPORTS = {
@@ -38,7 +39,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name in _SUBMODULES:
+    if importlib.util.find_spec(f"deit.{name}") is not None:  # deit.model, deit.data, ...
         return importlib.import_module(f"deit.{name}")
     raise AttributeError(f"module 'deit' has no attribute {name!r}")
 

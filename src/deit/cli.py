@@ -158,7 +158,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from deit.run import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers)
+    results = evaluate_checkpoint(
+        args.checkpoint, args.data, args.batch_size, args.workers, args.bad_images
+    )
     print(_table({"val": results}))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -314,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="image folder (uses val/) or digits")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=None, help="default: one per usable core")
+    p.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default="error",
+        help="an unreadable image stops (error) or is left out of the counts (skip)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p = sub.add_parser("predict", help="top-5 classes of image files")
     p.add_argument("--checkpoint", required=True)

@@ -227,7 +227,11 @@ def exported_folder(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str, batch_size: int = 128, workers: int | None = None
+    checkpoint: str | Path,
+    data: str,
+    batch_size: int = 128,
+    workers: int | None = None,
+    bad_images: str = "error",
 ) -> dict[str, dict[str, float]]:
     """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
     folder = exported_folder(checkpoint)
@@ -239,6 +243,7 @@ def evaluate_checkpoint(
         mean=tuple(config.get("mean", data_lib.IMAGENET_MEAN)),
         std=tuple(config.get("std", data_lib.IMAGENET_STD)),
         workers=workers,
+        bad_images=bad_images,
     )
     _, val_src = data_lib.load_sources(cfg)
     classes = config.get("classes")

@@ -215,10 +215,31 @@ def run_eval(
         process_count=jax.process_count(),
     )
     totals: dict[str, dict[str, float]] = {}
-    for batch in batches:
-        data_lib.take_bad(batch, source, data_cfg.bad_images)
-        eval_lib.accumulate(totals, step_fn(parallel.put_batch(batch, mesh)))
+    with batches:
+        for batch in batches:
+            _take_bad(batch, source, data_cfg.bad_images)
+            eval_lib.accumulate(totals, step_fn(parallel.put_batch(batch, mesh)))
     return eval_lib.finish(totals)
+
+
+def _take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
+    """`data.take_bad` agreed by every process: `(this share's bad records, all shares' count)`.
+
+    With several processes each sees only its share, so under "error" the processes first count
+    together and all stop, rather than one stopping and the rest waiting in the next step."""
+    if jax.process_count() == 1:
+        skipped = data_lib.take_bad(batch, source, mode)
+        return skipped, len(skipped)
+    skipped = data_lib.take_bad(batch, source, "skip")
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(skipped))))
+    if mode == "error" and counts.sum():
+        if skipped:
+            data_lib.take_bad({"bad": np.asarray(skipped)}, source, "error")  # raises, naming it
+        raise data_lib.BadImageError(
+            f"process {int(np.argmax(counts > 0))} read an unreadable image (its own message names "
+            "it); stopped where it was read (the checkpoints written so far are kept)"
+        )
+    return skipped, int(counts.sum())
 
 
 class Interrupted(Exception):
@@ -300,12 +321,13 @@ class _BadImages:
         self.count = 0
         self.files: set[str] = set()
 
-    def add(self, source: data_lib.RecordSource, indices: list[int]) -> None:
-        self.count += len(indices)
+    def add(self, source: data_lib.RecordSource, indices: list[int], everywhere: int) -> None:
+        """`indices` met by this process; `everywhere`: how many all processes met."""
+        self.count += everywhere
         self.files.update(source.name(i) for i in indices)
 
     def report(self) -> list[str]:
-        files = sorted(self.files)
+        files = sorted(self.files)  # this process's share (all of it with one process)
         if files:
             more = f" and {len(files) - 10} more" if len(files) > 10 else ""
             log.warning(
@@ -342,6 +364,15 @@ def fit(
     started: float | None = time.perf_counter()
     out = Path(cfg.output).absolute()
     mesh = parallel.make_mesh()
+    if jax.process_count() > 1:  # every process must follow one plan over the same records
+        sizes = np.asarray(
+            multihost_utils.process_allgather(np.array([len(train_src), len(val_src)]))
+        )
+        if (sizes != sizes[0]).any():
+            raise ValueError(
+                f"the processes see different data: (train, val) sizes {sizes.tolist()}; expected "
+                "the same folder, unchanged, on every host"
+            )
     global_batch = cfg.batch_size
     parallel.check_batch(global_batch, mesh)
     spe = len(train_src) // global_batch
@@ -385,6 +416,7 @@ def fit(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    logger = None
     try:
         image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
         state = init_state(model, tx, step_cfg, cfg.seed, image_shape, init_params)
@@ -418,11 +450,13 @@ def fit(
             make_eval_step(model, step_cfg.mean, step_cfg.std),
             compiler_options=compiler_options(model.dtype),
         )
+        logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
     except BaseException:
         stream.close()
         ckpts.close()
+        if logger is not None:
+            logger.close()
         raise
-    logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
     step = int(state.step)
     results: dict[str, Any] = {}
     stop = StopSignals()
@@ -434,8 +468,7 @@ def fit(
     try:
         for kind, epoch, batch in stream:
             source = train_src if kind == "train" else val_src
-            skipped = data_lib.take_bad(batch, source, cfg.data.bad_images)
-            bad.add(source, skipped)
+            bad.add(source, *_take_bad(batch, source, cfg.data.bad_images))
             if started is not None:
                 logger.log_start({"first_batch_s": time.perf_counter() - started})
                 started = None
@@ -456,7 +489,10 @@ def fit(
                     best = {"top1": top1, "epoch": epoch, "weights": which}
                     ema = which == "val_ema"
                     _export(out / "best", model, state, ema, train_src, cfg, extra_meta)
-                ckpts.save(step, state, meta(best, epoch))
+                stopping = stop.requested is not None
+                ckpts.save(step, state, meta(best, epoch), wait=stopping)
+                if stopping:
+                    raise Interrupted(stop.requested, step, out)
                 tick, seen = time.perf_counter(), 0
                 continue
             del batch["mask"]
@@ -464,10 +500,10 @@ def fit(
             step += 1
             seen += global_batch
             logger.advance(step)
-            stopping = stop.requested is not None
             last = step % spe == 0
-            # The epoch's last step is saved after the evaluation (with the new best); saving
-            # it here too would make Orbax refuse the second save of the step.
+            # The epoch's last step is saved after its evaluation (with the new best), also when
+            # a signal came: saving it here would skip that evaluation on resume.
+            stopping = stop.requested is not None and not last
             saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
             if saving or step % cfg.log_every == 0 or last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -501,7 +537,7 @@ def _export(
     model: Any,
     state: TrainState,
     ema: bool,
-    source: data_lib.Source,
+    source: data_lib.RecordSource,
     cfg: TrainConfig,
     extra: dict[str, Any] | None,
 ) -> None:

@@ -10,9 +10,9 @@ The index lives in `cache_home()/index/<hash of the folder's real path>/`: `meta
 counts, the modification time of every folder scanned) and two `.npy` arrays (relative paths,
 labels) that worker processes memory-map, so each reads only the records it is handed. A start
 compares the folders' modification times with the index, one `stat` per folder: adding, removing
-or renaming a file changes its folder's time, and the folder is then scanned again. A folder whose
-time is not older than the scan that wrote the index counts as changed (a file added in the same
-clock tick as the scan would otherwise go unseen), as git treats its own index.
+or renaming a file changes its folder's time, and the split is then scanned again. A folder whose
+time is within 2 s of the scan that wrote the index, or later, counts as changed (a file added in
+the same clock tick as the scan would otherwise go unseen; git's "racily clean" entries).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ INDEX_VERSION = 1
 OPEN_LOCK = threading.Lock()
 SCAN_THREADS = 16  # directory listing waits on the file system, not the CPU
 SHOWN_FILES = 2
+RACY_MARGIN_NS = 2_000_000_000
 
 
 def _scan_class(folder: str) -> tuple[list[str], dict[str, list[int]]]:
@@ -144,7 +145,8 @@ class FolderSource:
 
 def _scan(root: Path, classes: list[str]) -> dict[str, Any]:
     """The listing of `root` as index metadata plus its `paths` and `labels` arrays."""
-    tick, scanned_ns = time.perf_counter(), time.time_ns()
+    # Folder times come from a coarser clock than time_ns (and NFS from the server's): a margin.
+    tick, scanned_ns = time.perf_counter(), time.time_ns() - RACY_MARGIN_NS
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         scans = list(pool.map(_scan_class, [str(root / c) for c in classes]))
     dirs = {str(root): [(st := os.stat(root)).st_mtime_ns, st.st_size]}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -165,8 +164,8 @@ class _MakeBatch:
             except ValueError:
                 continue
         raise BadImageError(
-            f"{MAX_SUBSTITUTES} consecutive records from {source.name(i)} cannot be decoded; "
-            "expected mostly readable images (run deit data check on the folder)"
+            f"{min(MAX_SUBSTITUTES, n)} consecutive records from {source.name(i)} cannot be "
+            "decoded; expected mostly readable images (run deit data check on the folder)"
         )
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
@@ -219,35 +218,58 @@ class _MakeBatch:
         }
 
 
-def _stream(fn: _MakeBatch, start: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches `start, start + 1, ...` of `fn.plan`; worker processes start here, at once."""
-    ds = grain.MapDataset.range(start, len(fn.plan)).map(fn)
-    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS)
-    it = ds.to_iter_dataset(read)
-    if workers > 0:
-        from absl import flags
+class Batches:
+    """Iterator over elements `start, start + 1, ...` of a `Plan`, yielding `(kind, epoch,
+    batch)` (or the bare batches unless `labelled`); worker processes start when it is made.
+    `close()` stops them (also before the first batch, and when used as a context manager)."""
 
-        # grain's workers read absl flags, which only absl.app would otherwise parse.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-        it = it.mp_prefetch(options)
-    batches = iter(it)
-    if workers > 0:
-        batches.start_prefetch()  # type: ignore[attr-defined]
-    return _owned(batches, workers > 0)
+    def __init__(self, fn: _MakeBatch, start: int, workers: int, labelled: bool = True) -> None:
+        self.plan = fn.plan
+        self._k = start
+        self._labelled = labelled
+        ds = grain.MapDataset.range(start, len(fn.plan)).map(fn)
+        read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS)
+        it = ds.to_iter_dataset(read)
+        self._shared = workers > 0
+        if self._shared:
+            from absl import flags
 
+            # grain's workers read absl flags, which only absl.app would otherwise parse.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
+            it = it.mp_prefetch(options)
+        self._it = iter(it)
+        if self._shared:
+            self._it.start_prefetch()  # type: ignore[attr-defined]
 
-def _owned(batches: Any, shared: bool) -> Iterator[dict[str, np.ndarray]]:
-    try:
-        for batch in batches:
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.close()
+            raise
+        kind, epoch, _ = self.plan.element(self._k)
+        self._k += 1
+        if self._shared:
             # Copies out of the workers' shared memory, which is then released at once rather
             # than whenever the last view of it is collected.
-            yield {k: np.array(v) for k, v in batch.items()} if shared else batch
-    finally:
-        close = getattr(batches, "close", None)
+            batch = {k: np.array(v) for k, v in batch.items()}
+        return (kind, epoch, batch) if self._labelled else batch
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
         if close is not None:
             close()
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_batches(
@@ -262,7 +284,8 @@ def run_batches(
     evaluate: bool = True,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[tuple[str, int, dict[str, np.ndarray]]]:
+    labelled: bool = True,
+) -> Batches:
     """`(kind, epoch, batch)` for a whole run from global step `start_step` on: each epoch's
     training batches ("train"), then, with `evaluate`, the validation set ("eval").
 
@@ -281,18 +304,8 @@ def run_batches(
         process_index,
         process_count,
     )
-    start = plan.position(start_step)
-    batches = _stream(_MakeBatch(plan, train, val, cfg), start, cfg.num_workers)
-    return _labelled(plan, start, batches)
-
-
-def _labelled(plan: Plan, start: int, batches: Iterator) -> Iterator:
-    try:
-        for k, batch in enumerate(batches, start):
-            kind, epoch, _ = plan.element(k)
-            yield kind, epoch, batch
-    finally:
-        batches.close()  # type: ignore[attr-defined]
+    fn = _MakeBatch(plan, train, val, cfg)
+    return Batches(fn, plan.position(start_step), cfg.num_workers, labelled)
 
 
 def train_batches(
@@ -305,10 +318,10 @@ def train_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Batches:
     """This process's share of the training batches of `epochs` epochs from `start_step` on
     (`run_batches` without evaluation)."""
-    stream = run_batches(
+    return run_batches(
         source,
         source,
         cfg,
@@ -319,8 +332,8 @@ def train_batches(
         evaluate=False,
         process_index=process_index,
         process_count=process_count,
+        labelled=False,
     )
-    return (batch for _, _, batch in stream)
 
 
 def eval_batches(
@@ -330,10 +343,10 @@ def eval_batches(
     global_batch: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Batches:
     """The whole set once, in order, padded to whole batches; `mask` is 0 on the padding."""
     plan = Plan(0, len(source), global_batch, 1, 0, 1, process_index, process_count)
-    return _stream(_MakeBatch(plan, source, source, cfg), 0, cfg.num_workers)
+    return Batches(_MakeBatch(plan, source, source, cfg), 0, cfg.num_workers, labelled=False)
 
 
 def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list[int]:
