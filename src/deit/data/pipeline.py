@@ -40,7 +40,7 @@ log = logging.getLogger("deit")
 # GIL while it decodes and resizes, so a second thread keeps a core busy during the Python parts.
 READ_THREADS = 2
 MAX_SUBSTITUTES = 64  # how far "skip" looks for a readable record before giving up
-CHECK_CHUNK = 256
+CHECK_CHUNK = 256  # the smallest chunk of records `deit data check` hands a worker
 
 
 def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
@@ -389,17 +389,21 @@ def check_images(
 
     cfg = DataConfig(dataset=str(path), workers=workers)
     sources = load_sources(cfg)
+    # Chunks of about 1/8 of a worker's share (a source pickled to a worker reopens its files):
+    # few enough that opening costs nothing, enough to balance the workers.
+    workers = max(cfg.num_workers, 1)
+    chunk = max(CHECK_CHUNK, sum(map(len, sources)) // (8 * workers))
     jobs = [
-        (source, lo, min(lo + CHECK_CHUNK, len(source)))
+        (source, lo, min(lo + chunk, len(source)))
         for source in sources
-        for lo in range(0, len(source), CHECK_CHUNK)
+        for lo in range(0, len(source), chunk)
     ]
     bad: list[tuple[str, str]] = []
     columns = (BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
     console = Console(stderr=True)
     with (
         Progress("decoding", *columns, console=console, disable=not progress) as bar,
-        ProcessPoolExecutor(max(cfg.num_workers, 1), mp_context=get_context("spawn")) as pool,
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool,
     ):
         task = bar.add_task("check", total=sum(len(s) for s in sources))
         futures = [pool.submit(_check_chunk, *job) for job in jobs]
