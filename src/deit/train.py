@@ -214,12 +214,13 @@ def run_eval(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    totals: dict[str, dict[str, float]] = {}
+
+    def on_mesh(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        _take_bad(batch, source, data_cfg.bad_images)
+        return parallel.put_batch(batch, mesh)
+
     with batches:
-        for batch in batches:
-            _take_bad(batch, source, data_cfg.bad_images)
-            eval_lib.accumulate(totals, step_fn(parallel.put_batch(batch, mesh)))
-    return eval_lib.finish(totals)
+        return eval_lib.evaluate(step_fn, map(on_mesh, batches))
 
 
 def _take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
