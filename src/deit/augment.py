@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +57,15 @@ class MixupConfig:
     """
 
     mixup_alpha: float = 0.8
+    """Beta(alpha, alpha) of mixup's blend weight; 0: no mixup."""
     cutmix_alpha: float = 1.0
+    """Beta(alpha, alpha) of cutmix's box area; 0: no cutmix."""
     prob: float = 1.0
+    """Chance that a batch is mixed at all."""
     switch_prob: float = 0.5
+    """With both on: chance that a mixed batch uses cutmix rather than mixup."""
     label_smoothing: float = 0.1
+    """Label smoothing of the (mixed) targets (official `--smoothing`)."""
 
     def __post_init__(self) -> None:
         for name in ("mixup_alpha", "cutmix_alpha"):
@@ -192,11 +198,17 @@ class ErasingConfig:
     """
 
     prob: float = 0.25
+    """Chance that an image gets an erased box (official `--reprob`)."""
     min_area: float = 0.02
+    """Smallest box, as a fraction of the image area."""
     max_area: float = 1 / 3
+    """Largest box, as a fraction of the image area."""
     min_aspect: float = 0.3
+    """Smallest height / width of the box."""
     max_aspect: float | None = None
-    mode: str = "pixel"
+    """Largest height / width; None: 1 / min_aspect."""
+    mode: Literal["pixel", "rand", "const"] = "pixel"
+    """Fill: per-pixel N(0, 1) noise, one N(0, 1) colour per box, or zeros (official `--remode`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:

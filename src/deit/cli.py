@@ -7,115 +7,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train (and distil) a DeiT; no flags: the built-in data set")
-    p.add_argument(
-        "--recipe",
-        default=None,
-        help="digits (default without --data), imagenet (with --data), finetune (with "
-        "--finetune) or finetune-384",
-    )
-    p.add_argument("--data", default=None, help="image folder with train/<class>/ and val/<class>/")
-    p.add_argument("--model", default=None, help="a registered variant (see deit info)")
-    p.add_argument("--teacher", default=None, help="exported model folder, or a ResNet name")
-    p.add_argument("--distillation", choices=("none", "soft", "hard"), default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--soft-reduction", choices=("numel", "batchmean"), default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--teacher-epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch over all devices")
-    p.add_argument("--lr", type=float, default=None, help="absolute peak lr (default: scaled)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--output", default=None)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="grain worker processes for the whole run (default: one per usable core; 0: none)",
-    )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument(
-        "--bad-images",
-        choices=("error", "skip"),
-        default=None,
-        help="an unreadable image stops the run (error, default) or is replaced and listed (skip)",
-    )
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, default=None, help="steps between logged metrics")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters over the devices")
-    p.add_argument(
-        "--remat", action="store_true", help="recompute block activations in the backward pass"
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run in --output")
-    p.add_argument(
-        "--finetune",
-        default=None,
-        metavar="CKPT",
-        help="start from an exported DeiT (deit convert output or a run's final/)",
-    )
-    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-
-
-def train_config(args: argparse.Namespace):  # -> TrainConfig
-    from deit import configs
-
-    if args.finetune and args.model:
-        raise ValueError("--model and --finetune: the fine-tuned network is the checkpoint's")
-    default = "finetune" if args.finetune else "imagenet" if args.data else "digits"
-    cfg = configs.recipe(args.recipe or default)
-    data = {"dataset": args.data, "img_size": args.img_size, "workers": args.workers}
-    data["bad_images"] = args.bad_images
-    data = {k: v for k, v in data.items() if v is not None}
-    top = {
-        "model": args.model,
-        "teacher": args.teacher,
-        "distillation": args.distillation,
-        "alpha": args.alpha,
-        "tau": args.tau,
-        "soft_reduction": args.soft_reduction,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "output": args.output,
-        "dtype": args.dtype,
-        "checkpoint_every": args.checkpoint_every,
-        "log_every": args.log_every,
-    }
-    top = {k: v for k, v in top.items() if v is not None}
-    for flag in ("checkpoint_every", "log_every"):
-        if top.get(flag, 1) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {top[flag]}; expected 1 or more steps")
-    if args.fsdp:
-        top["fsdp"] = True
-    if args.remat:
-        top["remat"] = True
-    if data:
-        top["data"] = dataclasses.replace(cfg.data, **data)
-    if args.lr is not None:
-        top["optim"] = dataclasses.replace(cfg.optim, lr=args.lr)
-    if args.teacher_epochs is not None:
-        t = cfg.teacher_cfg
-        top["teacher_cfg"] = dataclasses.replace(
-            t,
-            epochs=args.teacher_epochs,
-            optim=dataclasses.replace(t.optim, epochs=args.teacher_epochs),
-        )
-    if args.epochs is not None and args.epochs < cfg.optim.warmup_epochs:
-        top["optim"] = dataclasses.replace(top.get("optim", cfg.optim), warmup_epochs=0)
-    return dataclasses.replace(cfg, **top)
+from deit.errors import InputError
 
 
 def _table(summary: dict) -> str:
@@ -137,17 +38,20 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from deit import parallel
+def cmd_train(argv: list[str]) -> None:
+    from deit import cli_train, parallel
 
-    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    cfg, cmd = cli_train.parse(argv)
+    if cmd.print_config:
+        print(cli_train.print_config(cfg))
+        return
+    parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id)
     from deit.run import finetune, train_and_evaluate
 
-    cfg = train_config(args)
-    if args.finetune:
-        summary = finetune(cfg, args.finetune, resume=args.resume)
+    if cfg.finetune:
+        summary = finetune(cfg, cfg.finetune, resume=cmd.resume)
     else:
-        summary = train_and_evaluate(cfg, resume=args.resume)
+        summary = train_and_evaluate(cfg, resume=cmd.resume)
     import jax
 
     if jax.process_index() == 0:
@@ -309,8 +213,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deit", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of every error (also DEIT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    # `deit train ARGS` is parsed by `cli_train` (tyro over the config tree); listed for --help.
+    sub.add_parser("train", help="train (and distil) a DeiT; no flags: the built-in data set")
     p = sub.add_parser("eval", help="per-head top-1/top-5 of an exported model")
     p.add_argument("--checkpoint", required=True, help="run folder or exported model folder")
     p.add_argument("--data", default="digits", help="image folder (uses val/) or digits")
@@ -348,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "train": cmd_train,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "convert": cmd_convert,
@@ -387,23 +296,59 @@ def _library_messages() -> Iterator[None]:
         logger.propagate = propagate
 
 
+# Input the user can fix: one line, exit 2. Anything else is a bug in deit: its traceback.
+USER_ERRORS = (
+    InputError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DEIT_DEBUG", "") not in ("", "0") or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv) if argv[:1] != ["train"] else None
     from deit.train import Interrupted
 
+    command = "train" if args is None else args.command
     try:
         with _library_messages():
-            code = COMMANDS[args.command](args)
+            code = cmd_train(argv[1:]) if args is None else COMMANDS[command](args)
     except Interrupted as stop:
-        print(f"deit {args.command}: {stop}", file=sys.stderr)
+        print(f"deit {command}: {stop}", file=sys.stderr)
         return 128 + stop.signum
     except FloatingPointError as err:
-        print(f"deit {args.command}: error: {err}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"deit {command}: error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as err:
-        print(f"deit {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if debug:
+            traceback.print_exc()
+        print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"deit {command}: internal error: this is a bug in deit, not in what you gave it; "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     return code or 0
+
+
+def _user_message(err: BaseException) -> str:
+    """The error in the CLI's terms: a setting's dotted path becomes its flag."""
+    key = getattr(err, "key", None)  # a configs.ConfigError: the setting's dotted path
+    if isinstance(key, str) and "." in key:
+        return f"--{key.replace('_', '-')} {err.message}"
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
+        return f"{err.strerror}: {err.filename}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 if __name__ == "__main__":

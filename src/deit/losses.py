@@ -11,6 +11,7 @@ everything is computed in float32 whatever the logits' dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,15 @@ def _check_reduction(reduction: str) -> None:
 class LossConfig:
     """The static settings of `deit_loss` (official `main.py` defaults: none, 0.5, 1.0)."""
 
-    distillation: str = "none"
+    distillation: Literal["none", "soft", "hard"] = "none"
+    """What the distillation head learns from: nothing (labels only), the teacher's softened
+    distribution (KL at `tau`) or the teacher's argmax."""
     alpha: float = 0.5
+    """Weight of the distillation term: `(1 - alpha) * label loss + alpha * distillation loss`."""
     tau: float = 1.0
-    soft_reduction: str = "numel"
+    """Temperature of soft distillation."""
+    soft_reduction: Literal["numel", "batchmean"] = "numel"
+    """Soft KL divided by the number of logits (the official code) or by the batch size."""
 
     def __post_init__(self) -> None:
         if self.distillation not in DISTILLATION_KINDS:

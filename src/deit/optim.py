@@ -2,8 +2,9 @@
 
 Defaults are the official `main.py` ones (DeiT §6, Table 9): AdamW with betas (0.9, 0.999),
 eps 1e-8, weight decay 0.05; lr 5e-4 × global batch / 512; 5 warm-up epochs from 1e-6, then
-cosine to 1e-5 over 300 epochs; EMA of the weights with decay 0.99996. SGD (momentum 0.9) is
-the maintainers' recipe for transfer to small data sets.
+cosine to 1e-5 over 300 epochs; EMA of the weights with the constant decay 0.99996 (timm's
+`ModelEma` as `main.py` uses it). SGD (momentum 0.9) is the maintainers' recipe for transfer to
+small data sets.
 
 The schedule is per optimiser step. The reference (timm's `CosineLRScheduler`, stepped once per
 epoch with `lr_scheduler.step(epoch)` *after* the epoch) holds the lr constant inside an epoch
@@ -23,29 +24,38 @@ import jax.numpy as jnp
 import optax
 
 REFERENCE_BATCH = 512  # the lr is quoted for this global batch (official `linear_scaled_lr`)
-# Updates of the reference run: ImageNet-1k's 1,281,167 images, batch 1024, drop_last, 300 epochs.
-REFERENCE_STEPS = 1251 * 300
 # timm's `no_weight_decay()` for DeiT; the official code decays `dist_token`, timm does not.
 NO_WEIGHT_DECAY = ("cls_token", "dist_token", "pos_embed")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule settings; `lr=None` means `base_lr * global_batch / 512`."""
+    """Optimiser and lr schedule of one trained network (official `main.py` defaults)."""
 
     opt: Literal["adamw", "sgd"] = "adamw"
+    """Optimiser: AdamW (the paper) or SGD with momentum (transfer to small data sets)."""
     lr: float | None = None
+    """Absolute peak lr; None: `base_lr * global batch / 512`."""
     base_lr: float = 5e-4
+    """Peak lr quoted for a global batch of 512 (official `--lr`), scaled linearly."""
     weight_decay: float = 0.05
+    """Decoupled weight decay (AdamW) or L2 added to the gradient (SGD)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     momentum: float = 0.9
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    epochs: int = 300
+    """SGD momentum."""
     clip_grad_norm: float | None = None
-    ema_decay: float | None = 0.99996
+    """Clip the global gradient norm to this value; None: no clipping."""
+    epochs: int = 300
+    """Epochs of this network's training: the schedule's length."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up from `warmup_lr` to the peak (a warm-up longer than the run is cut)."""
+    warmup_lr: float = 1e-6
+    """lr at the first step."""
+    min_lr: float = 1e-5
+    """lr at the last step, the end of the cosine."""
 
     def __post_init__(self) -> None:
         if self.opt not in ("adamw", "sgd"):
@@ -65,14 +75,29 @@ class OptimConfig:
             raise ValueError(f"momentum {self.momentum}; expected a value in [0, 1)")
         if not (isinstance(self.epochs, int) and self.epochs > 0):
             raise ValueError(f"epochs {self.epochs}; expected a positive integer")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(
-                f"warmup_epochs {self.warmup_epochs}; expected at most epochs ({self.epochs})"
-            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm {self.clip_grad_norm}; expected a norm > 0 or None")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay {self.ema_decay}; expected a value in [0, 1) or None")
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """Exponential moving average of the weights, evaluated beside them each epoch.
+
+    The official code (timm's `ModelEma`) updates it after every optimiser step with a constant
+    decay, from the initial weights: after `n` steps the EMA is `d^n w_0 + (1 - d) sum_k d^(n-1-k)
+    w_k`. `warmup` opts into TensorFlow's rule `min(d, (1 + t) / (10 + t))` instead.
+    """
+
+    enabled: bool = True
+    """Keep an EMA of the weights (official `--model-ema`, on by default)."""
+    decay: float = 0.99996
+    """Per-step decay (official `--model-ema-decay`); the window is about 1 / (1 - decay) steps."""
+    warmup: bool = False
+    """Use `min(decay, (1 + step) / (10 + step))` (not the official rule; for short runs)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay {self.decay}; expected a value in [0, 1)")
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -167,12 +192,7 @@ def create_optimizer(
 
 
 def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
-    """`decay * ema + (1 - decay) * params`, leaf by leaf; pure and jittable.
-
-    timm's `ModelEma` as the official code uses it: updated after every optimiser step with a
-    constant decay, starting from the initial weights. The official code saves the EMA but
-    never evaluates it; our training loop evaluates both the EMA and the raw weights.
-    """
+    """`decay * ema + (1 - decay) * params`, leaf by leaf; pure and jittable."""
     decay = jnp.asarray(decay, jnp.float32)
 
     def mix(e: jax.Array, p: jax.Array) -> jax.Array:
@@ -181,29 +201,12 @@ def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
     return jax.tree_util.tree_map(mix, ema_params, params)
 
 
-def ema_decay_at(step: int | jax.Array, decay: float) -> jax.Array:
-    """Decay for update `step` (from 0) with warm-up: `min(decay, (1 + step) / (10 + step))`.
-
-    TensorFlow's `ExponentialMovingAverage(num_updates=...)` rule: early updates average over a
-    short window so the EMA leaves the random initialisation quickly. It reaches 0.99996 only
-    after ~225k of the reference's 375k updates, so it is opt-in: the reference is constant.
-    """
+def ema_decay_at(step: int | jax.Array, cfg: EmaConfig) -> jax.Array:
+    """The decay of update `step` (from 0): `cfg.decay`, or with `cfg.warmup` TensorFlow's
+    `ExponentialMovingAverage(num_updates=...)` rule `min(decay, (1 + step) / (10 + step))`, which
+    reaches 0.99996 only after ~225k updates (the reference run has 375k)."""
+    decay = jnp.float32(cfg.decay)
+    if not cfg.warmup:
+        return decay
     step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(jnp.float32(decay), (1 + step) / (10 + step))
-
-
-def ema_decay_for_run(
-    decay: float, total_steps: int, reference_steps: int = REFERENCE_STEPS
-) -> float:
-    """A per-step decay giving a run of `total_steps` the reference's averaging window.
-
-    The window `1 / (1 - decay)` is 25,000 updates for 0.99996, 6.7 % of the 375,300 updates
-    of the reference run; a 1,000-step run gets the same fraction (decay ≈ 0.985). Never
-    above `decay`; 0 (no averaging) when the window is under one step.
-    """
-    _check_positive_int("total_steps", total_steps)
-    _check_positive_int("reference_steps", reference_steps)
-    if not 0 <= decay < 1:
-        raise ValueError(f"decay {decay}; expected a value in [0, 1)")
-    window = total_steps / (reference_steps * (1 - decay))
-    return 0.0 if window <= 1 else min(decay, 1 - 1 / window)
+    return jnp.minimum(decay, (1 + step) / (10 + step))

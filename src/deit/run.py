@@ -17,7 +17,8 @@ from flax.traverse_util import flatten_dict
 from deit import data as data_lib
 from deit import export, parallel
 from deit.compiler import compiler_options
-from deit.configs import TrainConfig
+from deit.configs import ModelConfig, TrainConfig
+from deit.losses import LossConfig
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.train import fit, make_eval_step, make_teacher_eval_step, run_eval
@@ -52,38 +53,43 @@ def teacher_from_export(folder: str | Path) -> Teacher:
     return Teacher.from_resnet(model, variables, mean, std, config.get("img_size"))
 
 
-def _teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
-    t = cfg.teacher_cfg
+def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
+    """The run that trains `cfg.teacher.arch` into `output`: the student's data, batch, seed and
+    loop settings with the teacher's network, optimiser, EMA and mixup, and no distillation."""
+    t = cfg.teacher
     return dataclasses.replace(
         cfg,
-        epochs=t.epochs,
-        optim=t.optim,
-        mixup=t.mixup,
-        distillation="none",
         output=str(output),
-        drop_path_rate=0.0,
+        finetune=None,
+        model=ModelConfig(name=t.arch, drop_path_rate=0.0, dtype=cfg.model.dtype),
+        optim=t.optim,
+        ema=t.ema,
+        mixup=t.mixup,
+        loss=LossConfig(distillation="none"),
     )
 
 
 def resolve_teacher(
     cfg: TrainConfig, train_src: data_lib.RecordSource, val_src: data_lib.RecordSource, resume: bool
 ) -> tuple[Teacher, Path]:
-    """`--teacher` as an exported folder, or a ResNet name trained into `OUTPUT/teacher` first
-    (reused when that folder already holds a finished teacher)."""
-    name = cfg.teacher or cfg.teacher_cfg.arch
-    if name not in TEACHERS:
-        folder = Path(name)
+    """`cfg.teacher.path` (an exported folder or a run), or `cfg.teacher.arch` trained into
+    `OUTPUT/teacher` first (reused when that folder already holds a finished teacher)."""
+    if cfg.teacher.path is not None:
+        folder = Path(cfg.teacher.path)
         if not folder.is_dir():
             raise ValueError(
-                f"teacher {name!r} is neither an exported model folder nor one of "
-                f"{', '.join(TEACHERS)}"
+                f"teacher.path {cfg.teacher.path!r} is not a folder; expected an exported model "
+                "folder or a run folder"
             )
         final = folder / "final" if (folder / "final").is_dir() else folder
         return teacher_from_export(final), final
+    name = cfg.teacher.arch
+    if name not in TEACHERS:
+        raise ValueError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
     out = Path(cfg.output).absolute() / "teacher"
     final = out / "final"
     if not (final / export.CONFIG).is_file():
-        tcfg = _teacher_config(cfg, out)
+        tcfg = teacher_config(cfg, out)
         model = create_teacher(name, len(train_src.classes), small_input=cfg.data.img_size < 64)
         fit(
             model,
@@ -152,25 +158,25 @@ def train_and_evaluate(
     init = None
     if pretrained is None:
         student = create_model(
-            cfg.model,
+            cfg.model.name,
             num_classes=num_classes,
             img_size=cfg.data.img_size,
-            drop_path_rate=cfg.drop_path_rate,
-            dtype=cfg.dtype,
-            remat=cfg.remat,
+            drop_path_rate=cfg.model.drop_path_rate,
+            dtype=cfg.model.dtype,
+            remat=cfg.model.remat,
         )
     else:
         student = pretrained.model.clone(
             num_classes=num_classes,
             img_size=cfg.data.img_size,
-            drop_path_rate=cfg.drop_path_rate,
-            dtype=cfg.dtype,
-            remat=cfg.remat,
+            drop_path_rate=cfg.model.drop_path_rate,
+            dtype=cfg.model.dtype,
+            remat=cfg.model.remat,
             capture=False,
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
     teacher, teacher_path = None, None
-    if cfg.distillation != "none":
+    if cfg.loss.distillation != "none":
         teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume)
         check_teacher(teacher, num_classes)
     results = fit(
@@ -181,14 +187,14 @@ def train_and_evaluate(
         teacher=teacher,
         resume=resume,
         extra_meta={
-            "variant": cfg.model,
+            "variant": cfg.model.name,
             **({"finetuned_from": pretrained.path} if pretrained else {}),
         },
         init_params=init,
     )
     summary: dict[str, Any] = {
-        "model": cfg.model,
-        "distillation": cfg.distillation,
+        "model": cfg.model.name,
+        "distillation": cfg.loss.distillation,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "val": results["val"],
@@ -202,7 +208,11 @@ def train_and_evaluate(
     if teacher is not None:
         mesh = parallel.make_mesh()
         summary["teacher"] = run_eval(
-            make_teacher_eval_step(teacher, cfg.dtype), val_src, cfg.data, mesh, cfg.batch_size
+            make_teacher_eval_step(teacher, cfg.model.dtype),
+            val_src,
+            cfg.data,
+            mesh,
+            cfg.batch_size,
         )["avg"]
         summary["teacher_path"] = str(teacher_path)
     out = Path(cfg.output).absolute()
@@ -326,7 +336,10 @@ def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) 
     std = config.get("std", spec.std if spec else cfg.data.std)
     cfg = dataclasses.replace(
         cfg,
-        model=_variant_at(config.get("variant"), cfg.data.img_size),
+        finetune=str(checkpoint),
+        model=dataclasses.replace(
+            cfg.model, name=_variant_at(config.get("variant"), cfg.data.img_size)
+        ),
         data=dataclasses.replace(cfg.data, mean=tuple(mean), std=tuple(std)),
     )
     pretrained = Pretrained(model, variables["params"], str(folder.absolute()))

@@ -9,7 +9,6 @@ The same loop trains the CNN teacher (a model with BatchNorm statistics and no d
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -17,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,16 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
+from deit import configs, export, parallel
 from deit import data as data_lib
 from deit import evaluate as eval_lib
-from deit import export, parallel
 from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
 from deit.checkpoint import Checkpoints, abstract_like
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
-from deit.losses import deit_loss
+from deit.losses import LossConfig, deit_loss
 from deit.model import DeiTOutput
-from deit.optim import create_optimizer, ema_decay_at, ema_update
+from deit.optim import EmaConfig, create_optimizer, ema_decay_at, ema_update
 from deit.progress import RunLogger
 from deit.teacher import Teacher, teacher_logits
 
@@ -63,11 +62,8 @@ class StepConfig:
     std: tuple[float, ...]
     mixup: MixupConfig
     erasing: ErasingConfig
-    distillation: str = "none"
-    alpha: float = 0.5
-    tau: float = 1.0
-    soft_reduction: str = "numel"
-    ema_decay: float | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=lambda: EmaConfig(enabled=False))
 
 
 def forward(
@@ -110,7 +106,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         batch_stats=variables.get("batch_stats", {}),
-        ema_params=jax.tree_util.tree_map(jnp.copy, params) if cfg.ema_decay is not None else None,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if cfg.ema.enabled else None,
         rng=state_key,
     )
 
@@ -132,23 +128,14 @@ def make_train_step(
         x = random_erasing(erase_key, x, cfg.erasing)
         x, targets = mixup_cutmix(mix_key, x, batch["label"], cfg.num_classes, cfg.mixup)
         t_logits = None
-        if teacher is not None and cfg.distillation != "none":
+        if teacher is not None and cfg.loss.distillation != "none":
             t_logits = teacher_logits(teacher, x * std + mean)
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict, Any]]:
             cls, dist, stats = forward(
                 model, params, state.batch_stats, x, train=True, rng=drop_key
             )
-            loss, aux = deit_loss(
-                cls,
-                dist,
-                targets,
-                t_logits,
-                distillation=cfg.distillation,
-                alpha=cfg.alpha,
-                tau=cfg.tau,
-                soft_reduction=cfg.soft_reduction,
-            )
+            loss, aux = deit_loss(cls, dist, targets, t_logits, config=cfg.loss)
             return loss, (aux, stats)
 
         (loss, (aux, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -156,7 +143,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = ema_update(ema, params, ema_decay_at(state.step, cfg.ema_decay))
+            ema = ema_update(ema, params, ema_decay_at(state.step, cfg.ema))
         metrics = {
             "loss": loss,
             "base_loss": aux["base_loss"],
@@ -357,10 +344,11 @@ def fit(
     split the same way under `cfg.fsdp`). One grain pipeline (`data.run_batches`) feeds the
     whole run, each epoch's validation batches following its training batches.
 
-    Writes to `cfg.output`: `metrics.jsonl` (its first line, `kind: start`, says how long the
-    first batch took from here), TensorBoard events, `checkpoints/` (Orbax), `best/` and
+    Writes to `cfg.output`: `config.json` (`cfg`: what the run uses), `metrics.jsonl` (its
+    first line, `kind: start`, says how long the first batch took from here), TensorBoard events,
+    `checkpoints/` (Orbax), `best/` and
     `final/` (exported models, see `export.py`). Returns the final evaluation, with
-    `bad_images`: the unreadable files replaced under `--bad-images skip`.
+    `bad_images`: the unreadable files replaced under `bad_images="skip"`.
     """
     started: float | None = time.perf_counter()
     out = Path(cfg.output).absolute()
@@ -382,20 +370,17 @@ def fit(
             f"the training set has {len(train_src)} images, fewer than the batch {global_batch}"
         )
     total = cfg.epochs * spe
-    optim_cfg = dataclasses.replace(cfg.optim, epochs=cfg.epochs)
-    tx, schedule = create_optimizer(optim_cfg, global_batch, spe)
-    num_classes = len(train_src.classes)
+    tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
+    if teacher is None and cfg.loss.distillation != "none":
+        raise ValueError(f"distillation {cfg.loss.distillation!r} needs a teacher; none was given")
     step_cfg = StepConfig(
-        num_classes=num_classes,
+        num_classes=len(train_src.classes),
         mean=cfg.data.mean,
         std=cfg.data.std,
         mixup=cfg.mixup,
         erasing=cfg.erasing,
-        distillation=cfg.distillation if teacher is not None else "none",
-        alpha=cfg.alpha,
-        tau=cfg.tau,
-        soft_reduction=cfg.soft_reduction,
-        ema_decay=optim_cfg.ema_decay,
+        loss=cfg.loss,
+        ema=cfg.ema,
     )
     ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     latest = ckpts.latest_step()
@@ -405,6 +390,9 @@ def fit(
             f"{out} already holds a run (checkpoint at step {latest}); pass "
             "--resume to continue it or choose another --output"
         )
+    if jax.process_index() == 0:  # what this run uses, whatever the caller derived it from
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
     # Started before the state is built and compiled, so the workers start meanwhile.
     stream = data_lib.run_batches(
         train_src,
@@ -421,7 +409,7 @@ def fit(
     try:
         image_shape = (cfg.data.img_size, cfg.data.img_size, 3)
         state = init_state(model, tx, step_cfg, cfg.seed, image_shape, init_params)
-        shardings = parallel.state_shardings(state, mesh, cfg.fsdp)
+        shardings = parallel.state_shardings(state, mesh, cfg.parallel.fsdp)
         state = jax.device_put(state, shardings)
         best = {"top1": -1.0, "epoch": -1}
         if latest is not None:
@@ -440,7 +428,9 @@ def fit(
             "classes": list(train_src.classes),
         }
         if teacher is not None:
-            teacher = jax.device_put(teacher, parallel.state_shardings(teacher, mesh, cfg.fsdp))
+            teacher = jax.device_put(
+                teacher, parallel.state_shardings(teacher, mesh, cfg.parallel.fsdp)
+            )
         train_step = jax.jit(
             make_train_step(model, tx, schedule, step_cfg),
             donate_argnums=0,
@@ -562,4 +552,4 @@ def _export(
         ema=ema,
         **(extra or {}),
     )
-    (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (folder / "train_config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))

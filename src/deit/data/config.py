@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from deit.transforms import RandAugment
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
@@ -41,22 +42,48 @@ class DataConfig:
     """
 
     dataset: str = "digits"
+    """"digits" (built in), an image folder with train/<class>/ and val/<class>/, or shards."""
     img_size: int = 224
+    """Side of the square training and evaluation images."""
     scale: tuple[float, float] = (0.08, 1.0)
+    """Random-resized-crop area range, as fractions of the image."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Random-resized-crop aspect-ratio range."""
     hflip: float = 0.5
+    """Chance of a horizontal flip."""
     randaugment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment string (official `--aa`); None: no RandAugment."""
     crop_pct: float = 0.875
-    interpolation: str = "bicubic"
+    """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
+    interpolation: Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"] = (
+        "bicubic"
+    )
+    """Resampling of crops and resizes."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean of the normalisation (images in [0, 1])."""
     std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel std of the normalisation."""
     repeats: int = 3
+    """Repeated augmentation: each image appears this many times per epoch, differently
+    augmented, on different devices (1: off)."""
     workers: int | None = None
-    bad_images: str = "error"
+    """grain worker processes for the whole run; None: one per usable core; 0: in-process."""
+    bad_images: Literal["error", "skip"] = "error"
+    """An unreadable image stops the run naming it, or is replaced by the next readable one."""
 
     def __post_init__(self) -> None:
         if self.img_size <= 0:
             raise ValueError(f"img_size {self.img_size}; expected a positive size")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale {self.scale}; expected 0 < min <= max <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio {self.ratio}; expected 0 < min <= max")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip {self.hflip} is outside [0, 1]")
+        if not self.crop_pct > 0:
+            raise ValueError(f"crop_pct {self.crop_pct}; expected a fraction > 0")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std {self.std}; expected positive values")
         if self.repeats < 1:
             raise ValueError(f"repeats {self.repeats}; expected 1 or more")
         if self.workers is not None:

@@ -1,0 +1,9 @@
+"""The exception the library raises for input it cannot use (a setting, a file, a folder).
+
+`InputError` is a `ValueError`, so callers that catch `ValueError` keep working; the CLI prints it
+as one line with exit 2, and reports any other exception as a bug with its traceback.
+"""
+
+
+class InputError(ValueError):
+    """The input (a setting, a file, a folder, an array) is not what the library expected."""
