@@ -28,8 +28,9 @@ def main() -> None:
     import dataclasses
 
     from deit import configs, data, parallel
+    from deit.losses import LossConfig
     from deit.model import create_model
-    from deit.optim import OptimConfig
+    from deit.optim import EmaConfig, OptimConfig
     from deit.train import fit
 
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -40,14 +41,14 @@ def main() -> None:
     base = configs.digits()
     cfg = dataclasses.replace(
         base,
-        epochs=1,
         batch_size=args.batch,
         output=args.output,
-        distillation=args.distillation,
-        fsdp=args.fsdp,
-        dtype=args.dtype,
+        loss=LossConfig(distillation=args.distillation),
+        parallel=configs.ParallelConfig(fsdp=args.fsdp),
+        model=dataclasses.replace(base.model, dtype=args.dtype),
         data=dataclasses.replace(base.data, img_size=16),
-        optim=OptimConfig(lr=3e-3, warmup_epochs=0, epochs=1, ema_decay=None),
+        optim=OptimConfig(lr=3e-3, warmup_epochs=0, epochs=1),
+        ema=EmaConfig(enabled=False),
         log_every=1,
     )
     # Wide enough that FSDP has arrays above its size threshold to split.

@@ -11,10 +11,10 @@ import optax
 import pytest
 
 from deit.optim import (
+    EmaConfig,
     OptimConfig,
     create_optimizer,
     ema_decay_at,
-    ema_decay_for_run,
     ema_update,
     lr_schedule,
     scaled_lr,
@@ -146,12 +146,15 @@ def test_ema_arithmetic() -> None:
     out = jax.jit(ema_update)(ema, params, 0.75)
     np.testing.assert_allclose(out["w"], [1.5, 3.0])
     np.testing.assert_allclose(out["b"], 3.0)
-    assert float(ema_decay_at(0, 0.99996)) == pytest.approx(0.1)
-    assert float(ema_decay_at(90, 0.99996)) == pytest.approx(0.91)
-    assert float(ema_decay_at(10**7, 0.99996)) == pytest.approx(0.99996)
-    assert ema_decay_for_run(0.99996, 1251 * 300) == pytest.approx(0.99996)
-    assert ema_decay_for_run(0.99996, 1000) == pytest.approx(1 - 15.012 / 1000, rel=1e-9)
-    assert ema_decay_for_run(0.99996, 10) == 0.0
+    warm = EmaConfig(decay=0.99996, warmup=True)
+    assert float(ema_decay_at(0, warm)) == pytest.approx(0.1)
+    assert float(ema_decay_at(90, warm)) == pytest.approx(0.91)
+    assert float(ema_decay_at(10**7, warm)) == pytest.approx(0.99996)
+    # The default is the official constant decay, from the first update on.
+    assert float(ema_decay_at(0, EmaConfig())) == pytest.approx(0.99996)
+    assert float(ema_decay_at(10**7, EmaConfig())) == pytest.approx(0.99996)
+    with pytest.raises(ValueError, match="decay 1.0"):
+        EmaConfig(decay=1.0)
 
 
 @pytest.mark.parametrize(
@@ -164,10 +167,8 @@ def test_ema_arithmetic() -> None:
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"eps": 0.0}, "eps 0.0"),
         ({"warmup_epochs": -1}, "warmup_epochs -1"),
-        ({"warmup_epochs": 10, "epochs": 5}, "warmup_epochs 10"),
         ({"epochs": 0}, "epochs 0"),
         ({"clip_grad_norm": 0.0}, "clip_grad_norm 0.0"),
-        ({"ema_decay": 1.0}, "ema_decay 1.0"),
         ({"min_lr": -1e-5}, "min_lr"),
     ],
 )

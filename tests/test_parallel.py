@@ -157,7 +157,7 @@ def test_two_processes_match_one(tmp_path):
     from deit.augment import ErasingConfig, MixupConfig
     from deit.optim import OptimConfig, create_optimizer
 
-    tx, _ = create_optimizer(OptimConfig(lr=3e-3, warmup_epochs=0, epochs=1, ema_decay=None), 16, 3)
+    tx, _ = create_optimizer(OptimConfig(lr=3e-3, warmup_epochs=0, epochs=1), 16, 3)
     cfg = train.StepConfig(10, (0.5,) * 3, (0.5,) * 3, MixupConfig(), ErasingConfig())
     mesh = parallel.make_mesh()
     state = train.init_state(model, tx, cfg, 0, (16, 16, 3))

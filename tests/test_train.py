@@ -10,7 +10,8 @@ import deit
 from deit import configs, data, export, train
 from deit.augment import ErasingConfig, MixupConfig
 from deit.checkpoint import Checkpoints, abstract_like
-from deit.optim import OptimConfig, create_optimizer
+from deit.losses import LossConfig
+from deit.optim import EmaConfig, OptimConfig, create_optimizer
 from deit.teacher import Teacher, create_teacher
 
 
@@ -18,12 +19,12 @@ def tiny_config(tmp_path, **kw) -> configs.TrainConfig:
     base = configs.digits()
     return dataclasses.replace(
         base,
-        model="deit_test_distilled_patch4_32",
-        epochs=2,
+        model=configs.ModelConfig(name="deit_test_distilled_patch4_32"),
         batch_size=64,
         output=str(tmp_path / "run"),
         data=dataclasses.replace(base.data, img_size=16),
-        optim=OptimConfig(lr=2e-3, warmup_epochs=0, epochs=2, ema_decay=0.99),
+        optim=OptimConfig(lr=2e-3, warmup_epochs=0, epochs=2),
+        ema=EmaConfig(decay=0.99),
         log_every=1,
         checkpoint_every=10_000,
         **kw,
@@ -45,9 +46,9 @@ def frozen_teacher():
 
 @pytest.mark.slow
 def test_two_epochs_distilled_end_to_end(tmp_path, sources, frozen_teacher):
-    cfg = tiny_config(tmp_path, distillation="hard")
+    cfg = tiny_config(tmp_path, loss=LossConfig(distillation="hard"))
     train_src, val_src = sources
-    model = deit.create_model(cfg.model, img_size=16, drop_path_rate=0.1)
+    model = deit.create_model(cfg.model.name, img_size=16, drop_path_rate=0.1)
     before = jax.tree_util.tree_map(np.array, frozen_teacher.variables)
     results = train.fit(model, cfg, train_src, val_src, teacher=frozen_teacher)
     out = tmp_path / "run"
@@ -68,9 +69,9 @@ def test_two_epochs_distilled_end_to_end(tmp_path, sources, frozen_teacher):
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
     # The last checkpoint restores to exactly the final state (exported in final/).
-    tx, _ = create_optimizer(dataclasses.replace(cfg.optim, epochs=2), 64, len(train_src) // 64)
+    tx, _ = create_optimizer(cfg.optim, 64, len(train_src) // 64)
     step_cfg = train.StepConfig(
-        10, cfg.data.mean, cfg.data.std, cfg.mixup, cfg.erasing, ema_decay=0.99
+        10, cfg.data.mean, cfg.data.std, cfg.mixup, cfg.erasing, ema=cfg.ema
     )
     fresh = train.init_state(model, tx, step_cfg, seed=123, image_shape=(16, 16, 3))
     ckpts = Checkpoints(out / "checkpoints")
@@ -96,8 +97,8 @@ def test_train_step_is_deterministic_and_teacher_gets_no_gradient(frozen_teacher
         data.IMAGENET_STD,
         MixupConfig(),
         ErasingConfig(),
-        "soft",
-        ema_decay=0.9,
+        LossConfig("soft"),
+        EmaConfig(decay=0.9),
     )
     state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
     step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
@@ -153,3 +154,34 @@ def test_bfloat16_training_keeps_float32_state_and_learns():
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # 2.2 -> 1.64 measured
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_after_n_steps_is_the_closed_form(warmup):
+    """The EMA `train_step` keeps is `d^n w_0 + sum_k (1 - d_k) prod_{j>k} d_j w_{k+1}`: with a
+    constant `d` (the official `ModelEma`) the initial weights keep `d^n` of the weight."""
+    model = deit.create_model("deit_test_distilled_patch4_32", img_size=16)
+    tx, schedule = create_optimizer(OptimConfig(lr=1e-2, warmup_epochs=0, epochs=1), 8, 6)
+    ema = EmaConfig(decay=0.8, warmup=warmup)
+    off = MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0)
+    cfg = train.StepConfig(
+        10, data.IMAGENET_MEAN, data.IMAGENET_STD, off, ErasingConfig(0.0), ema=ema
+    )
+    state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
+    step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 10, 8, dtype=np.int32)),
+    }
+    leaf = lambda tree: np.asarray(tree["cls_head"]["kernel"], np.float64)
+    weights = [leaf(state.params)]
+    for _ in range(6):
+        state, _ = step(state, batch)
+        weights.append(leaf(state.params))
+    decays = [min(0.8, (1 + t) / (10 + t)) if warmup else 0.8 for t in range(6)]
+    expected = weights[0] * np.prod(decays)
+    for k, d in enumerate(decays):
+        expected += (1 - d) * np.prod(decays[k + 1 :]) * weights[k + 1]
+    np.testing.assert_allclose(leaf(state.ema_params), expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(leaf(state.ema_params), weights[-1], atol=1e-4)
