@@ -311,27 +311,28 @@ def test_pickle_naming_a_disallowed_global_is_refused(layout, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags out of range (the unknown model and recipe, α = 2, τ = 0 and lr -1 are in test_cli.py)
+# Flags out of range (the unknown model and recipe, α = 2, τ = 0 and lr -1 are in test_cli.py; the
+# config tree's own bad input is in test_cli_train.py)
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--batch-size", "7"], "global batch 7 does not divide by the 2 devices; expected a "),
-        (["--batch-size", "0"], "batch size 0; expected a positive number"),
+        (["--batch-size", "0"], "--batch-size 0; expected a positive number"),
         (["--batch-size", "4096"], "1437 images, fewer than the batch 4096"),
         (["--alpha", "-0.1"], "alpha -0.1 is outside [0, 1]"),
         (["--tau", "-2"], "tau -2.0; expected a positive temperature"),
         (["--lr", "0"], "lr 0.0"),
-        (["--epochs", "0"], "epochs 0; expected a positive number"),
-        (["--img-size", "0"], "img_size 0; expected a positive size"),
+        (["--epochs", "0"], "--optim.epochs 0; expected a positive integer"),
+        (["--img-size", "0"], "--data.img-size 0; expected a positive size"),
         (["--workers", "-1"], "workers -1; expected 0 (decode in this process) to "),
         (["--workers", "100000"], "workers 100000; expected 0 (decode in this process) to "),
-        (["--checkpoint-every", "0"], "--checkpoint-every 0; expected 1 or more steps"),
-        (["--log-every", "-5"], "--log-every -5; expected 1 or more steps"),
+        (["--checkpoint-every", "0"], "--checkpoint-every 0; expected 1 or more"),
+        (["--log-every", "-5"], "--log-every -5; expected 1 or more"),
         (
             ["--distillation", "hard", "--teacher", "/nonexistent/teacher"],
-            "teacher '/nonexistent/teacher' is neither an exported model folder nor one of",
+            "teacher.path '/nonexistent/teacher' is not a folder; expected an exported model",
         ),
     ],
 )

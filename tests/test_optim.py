@@ -153,7 +153,7 @@ def test_ema_arithmetic() -> None:
     # The default is the official constant decay, from the first update on.
     assert float(ema_decay_at(0, EmaConfig())) == pytest.approx(0.99996)
     assert float(ema_decay_at(10**7, EmaConfig())) == pytest.approx(0.99996)
-    with pytest.raises(ValueError, match="decay 1.0"):
+    with pytest.raises(ValueError, match=r"decay 1\.0"):
         EmaConfig(decay=1.0)
 
 

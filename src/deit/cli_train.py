@@ -131,17 +131,18 @@ def _field_of(flag: str) -> str:
 
 
 def _check_repeats(original: list[str], tokens: list[str]) -> None:
+    """Two spellings of one field (an alias and its dotted flag) are refused; the same flag
+    twice is argparse's rule, the last one wins."""
     seen: dict[str, str] = {}
     spelled = [t.partition("=")[0] for t in original if t.startswith("--")]
     flags = [t for t in tokens if t.startswith("--")]
     for flag, as_typed in zip(flags, spelled, strict=False):
         key = _field_of(flag)
-        if key in seen:
+        if seen.setdefault(key, as_typed) != as_typed:
             setting = key.replace("-", "_")
             raise ConfigError(
                 None, f"{as_typed} and {seen[key]} both set {setting}; expected one of them"
             )
-        seen[key] = as_typed
 
 
 def _value(tokens: list[str], flag: str) -> str | None:
@@ -170,9 +171,11 @@ def _flag(path: str) -> str:
 def _one_line(text: str) -> str:
     """tyro's boxed error as one line: the box's title and help pointer dropped, the setting
     named by its flag, the suggestions kept as flag names."""
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("╭", "╰"))]
-    lines = [re.sub(r"^[\s│─]+|[\s│─]+$", "", ln) for ln in lines]
-    lines = [ln for ln in lines if ln and not ln.startswith("For full helptext")]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # colours, when stdout is a terminal
+    # Boxes are drawn in UTF-8 or, when stdout is not UTF-8, in ASCII (+-, |, -).
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("╭", "╰", "+"))]
+    lines = [re.sub(r"^[\s│|]+|[\s│|]+$", "", ln) for ln in lines]
+    lines = [ln for ln in lines if ln.strip("─-") and not ln.startswith("For full helptext")]
     message = " ".join(lines)
     message, _, hints = message.partition(" Perhaps you meant:")
     message = message.split(" Got errors:")[0].split(" Argument helptext:")[0]

@@ -241,7 +241,7 @@ RECIPES = {
 
 def recipe(name: str) -> TrainConfig:
     if name not in RECIPES:
-        raise ConfigError("recipe", f"{name!r}; expected one of {', '.join(RECIPES)}")
+        raise ConfigError(None, f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
     return RECIPES[name]()
 
 
@@ -251,7 +251,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _closest(key: str, known: list[str]) -> str:
-    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    """` (did you mean a.b?)` by the last name alone (a shared `a.` says nothing)."""
+    leaf = lambda k: k.rpartition(".")[2]
+    near = difflib.get_close_matches(leaf(key), [leaf(k) for k in known], n=3, cutoff=0.6)
+    near = [k for k in known if leaf(k) in near]
     return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
@@ -287,14 +290,25 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(key, f"{value!r}; expected {getattr(hint, '__name__', hint)}")
 
 
+def _unknown(cls: type, values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of `values`, at any depth, that names no field (with the closest names)."""
+    hints = typing.get_type_hints(cls)
+    known = [prefix + f.name for f in dataclasses.fields(cls)]
+    out = []
+    for key, value in values.items():
+        if prefix + key not in known:
+            out.append(prefix + key + _closest(prefix + key, known))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            out += _unknown(hints[key], value, f"{prefix}{key}.")
+    return out
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    extra = [k for k in values if k not in names]
+    extra = _unknown(cls, values, prefix)
     if extra:
-        known = [prefix + n for n in names]
-        listed = ", ".join(prefix + k + _closest(prefix + k, known) for k in extra)
-        raise ConfigError(None, f"unknown setting(s) {listed}")
+        raise ConfigError(None, f"unknown setting(s) {', '.join(extra)}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
     try:
         return cls(**kwargs)

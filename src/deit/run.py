@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from deit import configs, export, parallel
 from deit import data as data_lib
-from deit import export, parallel
 from deit.compiler import compiler_options
 from deit.configs import ModelConfig, TrainConfig
 from deit.losses import LossConfig
@@ -153,6 +153,11 @@ def train_and_evaluate(
     With `pretrained` the student is that network (at `cfg`'s image size and the data's class
     count, see `adapt_params`) and starts from its weights instead of a fresh init.
     """
+    out = Path(cfg.output).absolute()
+    if jax.process_index() == 0 and (resume or not (out / "config.json").exists()):
+        # Before the teacher phase, so that `resume` finds the run's settings from the start.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
     train_src, val_src = data_lib.load_sources(cfg.data)
     num_classes = len(train_src.classes)
     init = None
@@ -215,7 +220,6 @@ def train_and_evaluate(
             cfg.batch_size,
         )["avg"]
         summary["teacher_path"] = str(teacher_path)
-    out = Path(cfg.output).absolute()
     if jax.process_index() == 0:
         (out / "results.json").write_text(json.dumps(summary, indent=2))
         from deit.visualize import plot_curves

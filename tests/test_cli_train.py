@@ -1,0 +1,197 @@
+"""`deit train`'s command line over the config tree: dotted flags, aliases, config files,
+`--print-config`, and each bad input as one line with exit 2."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from deit import cli, cli_train, configs
+from deit.configs import ConfigError
+
+
+def parse(*argv: str) -> configs.TrainConfig:
+    return cli_train.parse(list(argv))[0]
+
+
+@pytest.mark.parametrize("name", sorted(configs.RECIPES))
+def test_every_recipe_round_trips_through_print_config(name, tmp_path, capsys):
+    assert cli.main(["train", "--recipe", name, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "config.json"
+    path.write_text(printed)
+    assert parse("--config", str(path)) == configs.recipe(name)
+    assert configs.from_dict(json.loads(printed)) == configs.recipe(name)
+
+
+# Each official main.py flag (and the older short names) with a value and the field it sets.
+ALIASES = [
+    ("--data-path", "/data/in1k", ("data", "dataset"), "/data/in1k"),
+    ("--input-size", "384", ("data", "img_size"), 384),
+    ("--aa", "rand-m7-mstd0.5-inc1", ("data", "randaugment"), "rand-m7-mstd0.5-inc1"),
+    ("--train-interpolation", "bilinear", ("data", "interpolation"), "bilinear"),
+    ("--eval-crop-ratio", "0.9", ("data", "crop_pct"), 0.9),
+    ("--num_workers", "3", ("data", "workers"), 3),
+    ("--model", "deit_small_patch16_224", ("model", "name"), "deit_small_patch16_224"),
+    ("--drop-path", "0.2", ("model", "drop_path_rate"), 0.2),
+    ("--epochs", "7", ("optim", "epochs"), 7),
+    ("--lr", "1e-3", ("optim", "base_lr"), 1e-3),
+    ("--opt", "sgd", ("optim", "opt"), "sgd"),
+    ("--opt-eps", "1e-6", ("optim", "eps"), 1e-6),
+    ("--momentum", "0.8", ("optim", "momentum"), 0.8),
+    ("--weight-decay", "0.3", ("optim", "weight_decay"), 0.3),
+    ("--clip-grad", "1.5", ("optim", "clip_grad_norm"), 1.5),
+    ("--warmup-epochs", "2", ("optim", "warmup_epochs"), 2.0),
+    ("--warmup-lr", "1e-7", ("optim", "warmup_lr"), 1e-7),
+    ("--min-lr", "2e-6", ("optim", "min_lr"), 2e-6),
+    ("--smoothing", "0.2", ("mixup", "label_smoothing"), 0.2),
+    ("--mixup", "0.5", ("mixup", "mixup_alpha"), 0.5),
+    ("--cutmix", "0", ("mixup", "cutmix_alpha"), 0.0),
+    ("--mixup-prob", "0.7", ("mixup", "prob"), 0.7),
+    ("--mixup-switch-prob", "0.2", ("mixup", "switch_prob"), 0.2),
+    ("--reprob", "0.4", ("erasing", "prob"), 0.4),
+    ("--remode", "const", ("erasing", "mode"), "const"),
+    ("--model-ema-decay", "0.999", ("ema", "decay"), 0.999),
+    ("--distillation-type", "soft", ("loss", "distillation"), "soft"),
+    ("--distillation-alpha", "0.3", ("loss", "alpha"), 0.3),
+    ("--distillation-tau", "3", ("loss", "tau"), 3.0),
+    ("--teacher-path", "/ckpt/regnety", ("teacher", "path"), "/ckpt/regnety"),
+    ("--teacher-model", "resnet50", ("teacher", "arch"), "resnet50"),
+    ("--teacher-epochs", "4", ("teacher", "optim", "epochs"), 4),
+    ("--output_dir", "/tmp/somewhere", ("output",), "/tmp/somewhere"),
+    ("--img-size", "32", ("data", "img_size"), 32),
+    ("--workers", "1", ("data", "workers"), 1),
+]
+
+
+def _get(cfg, path):
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+@pytest.mark.parametrize(("flag", "value", "path", "expected"), ALIASES)
+def test_each_alias_sets_its_field(flag, value, path, expected):
+    default = _get(parse(), path)
+    assert default != expected  # the flag changes something
+    assert _get(parse(flag, value), path) == expected
+    assert _get(parse(f"{flag}={value}"), path) == expected
+
+
+def test_official_switches():
+    assert parse("--no-model-ema").ema.enabled is False
+    assert parse("--repeated-aug").data.repeats == 3
+    assert parse("--recipe", "imagenet", "--no-repeated-aug").data.repeats == 1
+    assert parse("--fsdp").parallel.fsdp is True
+    assert parse("--remat").model.remat is True
+
+
+def test_dotted_flags_reach_nested_fields():
+    cfg = parse("--optim.weight-decay", "0.01", "--mixup.cutmix-alpha", "0", "--ema.warmup")
+    assert cfg.optim.weight_decay == 0.01 and cfg.mixup.cutmix_alpha == 0.0 and cfg.ema.warmup
+    cfg = parse("--data.scale", "0.2", "0.9", "--optim.lr", "None", "--teacher.optim.lr", "0.1")
+    assert cfg.data.scale == (0.2, 0.9) and cfg.optim.lr is None and cfg.teacher.optim.lr == 0.1
+    # Untouched fields keep the recipe's values.
+    assert dataclasses.replace(cfg, data=configs.digits().data, optim=configs.digits().optim,
+                               teacher=configs.digits().teacher) == configs.digits()  # fmt: skip
+
+
+def test_a_paper_readme_command_runs_through_the_parser():
+    # The official README's DeiT-S distillation command (paths and --nodes dropped).
+    argv = "--model deit_small_distilled_patch16_224 --batch-size 128 --data-path /data/in1k "
+    argv += "--output_dir /out --distillation-type hard --teacher-model regnety_160 "
+    argv += "--teacher-path /ckpt/regnety_160 --lr 5e-4 --drop-path 0.1 --smoothing 0.1 "
+    argv += "--reprob 0.25 --mixup 0.8 --cutmix 1.0 --aa rand-m9-mstd0.5-inc1 --warmup-epochs 5"
+    cfg = parse(*argv.split())
+    assert cfg.recipe == "imagenet" and cfg.data.dataset == "/data/in1k"
+    assert cfg.teacher.path == "/ckpt/regnety_160" and cfg.loss.distillation == "hard"
+
+
+def test_a_partial_yaml_file_then_flags(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"weight_decay": 0.01}, "ema": {"decay": 0.9}}))
+    cfg = parse("--config", str(path), "--ema.decay", "0.8")
+    assert cfg.optim.weight_decay == 0.01 and cfg.ema.decay == 0.8
+    assert cfg.optim.lr == configs.digits().optim.lr  # the rest: the recipe
+
+
+def test_resume_reads_the_runs_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = dataclasses.replace(configs.digits(), seed=7, output=str(run))
+    (run / "config.json").write_text(json.dumps(configs.to_dict(saved)))
+    cfg = parse("--resume", "--output", str(run))
+    assert cfg == saved
+    assert parse("--resume", "--output", str(run), "--seed", "8").seed == 8
+
+
+def test_help_shows_meanings_and_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--optim.weight-decay" in text and "Decoupled weight decay" in text
+    assert "--model-ema-decay" in text or "--ema.decay" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--optim.weigth-decay", "1"],
+            "unknown option(s) --optim.weigth-decay; did you mean --optim.weight-decay?",
+        ),  # fmt: skip
+        (["--optim.lr", "abc"], "--optim.lr 'abc'; expected {None}|FLOAT"),
+        (["--optim.weight-decay", "-1"], "--optim.weight-decay -1.0; expected a value >= 0"),
+        (
+            ["--drop-path", "0.2", "--model.drop-path-rate", "0.1"],
+            "--model.drop-path-rate and --drop-path both set model.drop_path_rate",
+        ),  # fmt: skip
+        (["--loss.distillation", "sof"], "invalid choice 'sof'"),
+        (["--batch-size", "0"], "--batch-size 0; expected a positive number"),
+        (["--recipe", "cifar"], "unknown recipe 'cifar'"),
+        (["--config", "/nonexistent.json"], "config file /nonexistent.json does not exist"),
+    ],
+)
+def test_bad_command_lines_are_one_line(argv, message, capsys):
+    assert cli.main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optim": {"warmup_lr": -1}}, "--optim.warmup-lr -1.0; expected a value >= 0"),
+        ({"optim": {"lr": "fast"}}, "--optim.lr 'fast'; expected float"),
+        ({"ema": {"decay": 2}}, "--ema.decay 2.0; expected a value in [0, 1)"),
+        ({"data": {"scale": [0.5]}}, "--data.scale [0.5]; expected 2 values"),
+        ({"loss": {"distillation": "kd"}}, "--loss.distillation 'kd'; expected one of"),
+        (
+            {"optim": {"lookahead": 1}, "colour": 2},
+            "unknown setting(s) optim.lookahead, colour",
+        ),
+        ({"optim": {"weight_decy": 0.1}}, "(did you mean optim.weight_decay?)"),
+        ({"version": 9}, "version 9; this deit reads config version 1"),
+    ],
+)
+def test_bad_config_files_are_one_line(values, message, tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(values))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err, err
+
+
+def test_a_file_that_does_not_parse(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: [unclosed\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert "does not parse" in capsys.readouterr().err
+
+
+def test_config_error_keeps_its_setting():
+    with pytest.raises(ConfigError) as err:
+        configs.from_dict({"optim": {"epochs": 0}})
+    assert err.value.key == "optim.epochs"
