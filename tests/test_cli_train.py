@@ -141,13 +141,13 @@ def test_help_shows_meanings_and_defaults(capsys):
         (
             ["--optim.weigth-decay", "1"],
             "unknown option(s) --optim.weigth-decay; did you mean --optim.weight-decay?",
-        ),  # fmt: skip
+        ),
         (["--optim.lr", "abc"], "--optim.lr 'abc'; expected {None}|FLOAT"),
         (["--optim.weight-decay", "-1"], "--optim.weight-decay -1.0; expected a value >= 0"),
         (
             ["--drop-path", "0.2", "--model.drop-path-rate", "0.1"],
             "--model.drop-path-rate and --drop-path both set model.drop_path_rate",
-        ),  # fmt: skip
+        ),
         (["--loss.distillation", "sof"], "invalid choice 'sof'"),
         (["--batch-size", "0"], "--batch-size 0; expected a positive number"),
         (["--recipe", "cifar"], "unknown recipe 'cifar'"),
