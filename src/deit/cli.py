@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -341,14 +342,25 @@ def main(argv: list[str] | None = None) -> int:
     return code or 0
 
 
+# A setting named in a library message (`optim.base_lr`) is shown as its flag (`--optim.base-lr`).
+_SETTING = re.compile(
+    r"(?<![\w./-])(?:model|data|mixup|erasing|loss|optim|ema|teacher|parallel)(?:\.[a-z_]+)+\b"
+)
+
+
 def _user_message(err: BaseException) -> str:
-    """The error in the CLI's terms: a setting's dotted path becomes its flag."""
+    """The error in the CLI's terms: settings named by their flags."""
     key = getattr(err, "key", None)  # a configs.ConfigError: the setting's dotted path
     if isinstance(key, str) and "." in key:
         return f"--{key.replace('_', '-')} {err.message}"
     if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
         return f"{err.strerror}: {err.filename}"
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    flag = lambda m: "--" + m[0].replace("_", "-")
+    text = _SETTING.sub(flag, text)
+    return text.replace("resume it", "resume it (--resume)").replace(
+        "another output folder", "another --output"
+    )
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) 
     folder = exported_folder(checkpoint)
     model, variables, config = load_exported(folder)
     if not isinstance(model, DeiT):
-        raise ValueError(f"{folder} holds a {type(model).__name__}; --finetune needs a DeiT")
+        raise ValueError(f"{folder} holds a {type(model).__name__}; finetune needs a DeiT")
     spec = VARIANTS.get(config.get("variant", ""))
     mean = config.get("mean", spec.mean if spec else cfg.data.mean)
     std = config.get("std", spec.std if spec else cfg.data.std)

@@ -238,7 +238,7 @@ class Interrupted(Exception):
         name = signal.Signals(signum).name
         super().__init__(
             f"stopped by {name} after step {step}; a checkpoint is saved in {output}/checkpoints; "
-            f"continue with: deit train --resume --output {output} (and the same flags)"
+            f"continue with: deit train --resume --output {output}"
         )
 
 
@@ -268,8 +268,8 @@ def _check_finite(values: dict[str, float], step: int, ckpts: Checkpoints) -> No
         last = ckpts.latest_step()
         raise FloatingPointError(
             f"loss is {values['loss']} at step {step}; stopped without saving it. The last good "
-            f"checkpoint (step {last}) is in {ckpts.directory}. Lower --lr or add gradient "
-            "clipping, then resume with --resume"
+            f"checkpoint (step {last}) is in {ckpts.directory}. Lower optim.base_lr or set "
+            "optim.clip_grad_norm, then resume the run"
         )
 
 
@@ -303,7 +303,7 @@ def evaluate_state(
 
 
 class _BadImages:
-    """Unreadable images met under `--bad-images skip`: counted, named at the end."""
+    """Unreadable images met under `bad_images="skip"`: counted, named at the end."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -387,8 +387,8 @@ def fit(
     if latest is not None and not resume:
         ckpts.close()
         raise ValueError(
-            f"{out} already holds a run (checkpoint at step {latest}); pass "
-            "--resume to continue it or choose another --output"
+            f"{out} already holds a run (checkpoint at step {latest}); resume it or choose "
+            "another output folder"
         )
     if jax.process_index() == 0:  # what this run uses, whatever the caller derived it from
         out.mkdir(parents=True, exist_ok=True)
