@@ -156,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from deit.run import evaluate_checkpoint
+    from deit.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(
         args.checkpoint, args.data, args.batch_size, args.workers, args.bad_images
@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from deit.run import predict
+    from deit.evaluate import predict
 
     for path, top in zip(args.images, predict(args.checkpoint, args.images, args.top), strict=True):
         print(path)

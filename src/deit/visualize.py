@@ -24,7 +24,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from deit.export import Preprocessing, exported_folder, load_exported
 from deit.layers import LN_EPS
+from deit.model import DeiT, forward_with_attention
+from deit.transforms import decode_image
 
 # DeiT §4 ("Distillation token"), DeiT-B on ImageNet: cosine of the learned CLS and DIST tokens,
 # and of the two tokens' embeddings at the last layer.
@@ -282,21 +285,6 @@ def plot_token_similarity(sims: dict[str, dict[str, Any]], path: str | Path) -> 
 # ----------------------------------------------------------------------------- a checkpoint
 
 
-def _preprocessing(model: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """Eval size, crop, interpolation, mean and std: the export's, else its variant's."""
-    from deit.variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
-
-    spec = VARIANTS.get(config.get("variant", ""))
-    size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
-    return {
-        "size": int(config.get("img_size", size)),
-        "crop_pct": float(config.get("crop_pct", spec.crop_pct if spec else 0.875)),
-        "interpolation": config.get("interpolation", "bicubic"),
-        "mean": np.asarray(config.get("mean", spec.mean if spec else IMAGENET_MEAN), np.float32),
-        "std": np.asarray(config.get("std", spec.std if spec else IMAGENET_STD), np.float32),
-    }
-
-
 def visualize_checkpoint(
     checkpoint: str | Path,
     images: Sequence[str | Path],
@@ -307,25 +295,14 @@ def visualize_checkpoint(
     """`deit visualize --checkpoint DIR IMAGE...`: `<image stem>_attention.png` per image (or one
     `attention.png` with a row per image if `together`) and, for a distilled model,
     `token_similarity.png` and `.json` (averaged over the images), into `out`."""
-    from deit import export
-    from deit.model import DeiT, forward_with_attention
-    from deit.run import exported_folder
-    from deit.transforms import decode_image, eval_transform
-
     if not images:
-        raise ValueError("no image files given; expected deit visualize --checkpoint DIR IMAGE...")
-    model, variables, config = export.load_model(exported_folder(checkpoint))
+        raise ValueError("no image files given; expected at least one image with the checkpoint")
+    model, variables, config = load_exported(exported_folder(checkpoint))
     if not isinstance(model, DeiT):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
-    prep = _preprocessing(model, config)
-    batch = np.stack(
-        [
-            eval_transform(decode_image(p), prep["size"], prep["crop_pct"], prep["interpolation"])
-            for p in images
-        ]
-    )
-    x = (batch.astype(np.float32) / 255.0 - prep["mean"]) / prep["std"]
-    output, attn, tokens = forward_with_attention(model, variables, x)
+    prep = Preprocessing.from_config(config, model)
+    batch = prep.crop([decode_image(p) for p in images])  # shown under the maps
+    output, attn, tokens = forward_with_attention(model, variables, prep.normalize(batch))
     maps = attention_maps(attn, model.grid, model.num_prefix_tokens)
     probs = np.asarray(jax.nn.softmax(output.logits, axis=-1))
     classes = config.get("classes") or [str(i) for i in range(probs.shape[-1])]
