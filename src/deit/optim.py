@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import optax
 
 REFERENCE_BATCH = 512  # the lr is quoted for this global batch (official `linear_scaled_lr`)
-# Updates of the reference run: ImageNet-1k's 1,281,167 images, batch 1024, drop_last, 300 epochs.
-REFERENCE_STEPS = 1251 * 300
 # timm's `no_weight_decay()` for DeiT; the official code decays `dist_token`, timm does not.
 NO_WEIGHT_DECAY = ("cls_token", "dist_token", "pos_embed")
 
@@ -190,20 +188,3 @@ def ema_decay_at(step: int | jax.Array, decay: float) -> jax.Array:
     """
     step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1 + step) / (10 + step))
-
-
-def ema_decay_for_run(
-    decay: float, total_steps: int, reference_steps: int = REFERENCE_STEPS
-) -> float:
-    """A per-step decay giving a run of `total_steps` the reference's averaging window.
-
-    The window `1 / (1 - decay)` is 25,000 updates for 0.99996, 6.7 % of the 375,300 updates
-    of the reference run; a 1,000-step run gets the same fraction (decay ≈ 0.985). Never
-    above `decay`; 0 (no averaging) when the window is under one step.
-    """
-    _check_positive_int("total_steps", total_steps)
-    _check_positive_int("reference_steps", reference_steps)
-    if not 0 <= decay < 1:
-        raise ValueError(f"decay {decay}; expected a value in [0, 1)")
-    window = total_steps / (reference_steps * (1 - decay))
-    return 0.0 if window <= 1 else min(decay, 1 - 1 / window)
