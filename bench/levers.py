@@ -1,4 +1,4 @@
-"""Speed levers tried for `deit bench`, each measured A B A B against the current code.
+"""Speed levers tried for `bench/speed.py`, each measured A B A B against the current code.
 
     python bench/levers.py flags      # XLA CPU flags, one child process per setting, alternated
     python bench/levers.py attention  # attention formulations (fp32 and bf16), in one process
@@ -12,7 +12,7 @@
     python bench/levers.py remat      # training step speed and XLA memory with nn.remat blocks
 
 Variants are swapped into `deit.layers` by name only while a case is traced and compiled; the
-compiled executables are then timed interleaved with `deit.bench.measure`. Results print as a
+compiled executables are then timed interleaved with `speed.measure`. Results print as a
 table and go to `bench/results/levers_<name>.json`.
 """
 
@@ -33,10 +33,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import speed
 from flax import linen as nn
+from speed import Case, _compiled_case, inference_case, train_case
 
-from deit import bench, layers
-from deit.bench import Case, _compiled_case, inference_case, train_case
+from deit import layers
 from deit.model import create_model, flops_per_image
 
 RESULTS = Path(__file__).parent / "results"
@@ -148,7 +149,7 @@ def lever_attention(batches: tuple[int, ...], rounds: int) -> list[Case]:
             for dtype in ("float32", "bfloat16"):
                 for label, swap in variants.items():
                     cases.append(_variant_case(label, name, batch, dtype, **swap))
-    bench.measure(cases, rounds, 0.5, print)
+    speed.measure(cases, rounds, 0.5, print)
     return cases
 
 
@@ -160,7 +161,7 @@ def lever_bf16(batches: tuple[int, ...], rounds: int) -> list[Case]:
             cases.append(_variant_case("bf16 plain", name, batch, "bfloat16", **plain))
             cases.append(_variant_case("bf16 f32-acc", name, batch, "bfloat16"))
             cases.append(_variant_case("fp32", name, batch, "float32"))
-    bench.measure(cases, rounds, 0.5, print)
+    speed.measure(cases, rounds, 0.5, print)
     return cases
 
 
@@ -170,7 +171,7 @@ def lever_donate(batches: tuple[int, ...], rounds: int) -> list[Case]:
         case = train_case(TI, 32, "float32", donate=donate)
         case.impl = f"donate={donate}"
         cases.append(case)
-    bench.measure(cases, rounds, 2.0, print)
+    speed.measure(cases, rounds, 2.0, print)
     return cases
 
 
@@ -207,7 +208,7 @@ def lever_scan(batches: tuple[int, ...], rounds: int) -> list[Case]:
             params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
             case = Case("encoder", label, TI, batch, "float32", float(flops_per_image(model)))
             cases.append(_compiled_case(case, jax.jit(module.apply), (params, x), lambda o: None))
-    bench.measure(cases, rounds, 0.5, print)
+    speed.measure(cases, rounds, 0.5, print)
     return cases
 
 
@@ -314,7 +315,7 @@ def lever_patch(batches: tuple[int, ...], rounds: int) -> list[Case]:
                 cases.append(case)
         finally:
             model_lib.PatchEmbed = old
-    bench.measure(cases, rounds, 2.0, print)
+    speed.measure(cases, rounds, 2.0, print)
     return cases
 
 
@@ -333,7 +334,7 @@ def lever_gelu(batches: tuple[int, ...], rounds: int) -> list[Case]:
                 cases[-1].impl = label
             cases.append(train_case(TI, 32, "bfloat16"))
             cases[-1].impl = label
-    bench.measure(cases, rounds, 1.0, print)
+    speed.measure(cases, rounds, 1.0, print)
     return cases
 
 
@@ -347,7 +348,7 @@ def lever_bias_grad(batches: tuple[int, ...], rounds: int) -> list[Case]:
                 case = train_case(TI, 32, dtype)
             case.impl = label
             cases.append(case)
-    bench.measure(cases, rounds, 2.0, print)
+    speed.measure(cases, rounds, 2.0, print)
     return cases
 
 
@@ -355,10 +356,10 @@ def _step_parts(dtype: str) -> list[Case]:
     from deit.compiler import compiler_options
     from deit.teacher import create_teacher
 
-    model = create_model(TI, dtype=bench.DTYPES[dtype], drop_path_rate=0.1)
+    model = create_model(TI, dtype=speed.DTYPES[dtype], drop_path_rate=0.1)
     x = jax.random.uniform(jax.random.PRNGKey(0), (32, 224, 224, 3))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
-    teacher = create_teacher("resnet18", 1000, dtype=bench.DTYPES[dtype])
+    teacher = create_teacher("resnet18", 1000, dtype=speed.DTYPES[dtype])
     t_vars = jax.jit(teacher.init)(jax.random.PRNGKey(1), x[:1])
 
     def loss(p: Any, x: jax.Array) -> jax.Array:
@@ -373,7 +374,7 @@ def _step_parts(dtype: str) -> list[Case]:
     cases = []
     for label, (fn, args) in parts.items():
         case = Case("part", label, TI, 32, dtype, 0.0)
-        jitted = jax.jit(fn, compiler_options=compiler_options(bench.DTYPES[dtype]))
+        jitted = jax.jit(fn, compiler_options=compiler_options(speed.DTYPES[dtype]))
         cases.append(_compiled_case(case, jitted, args, lambda o: None))
     case = train_case(TI, 32, dtype)
     case.impl = "whole step"
@@ -388,7 +389,7 @@ def lever_remat(batches: tuple[int, ...], rounds: int) -> list[Case]:
             case = train_case(name, batch, "float32", remat=remat)
             case.impl = f"remat={remat}"
             cases.append(case)
-    bench.measure(cases, rounds, 2.0, print)
+    speed.measure(cases, rounds, 2.0, print)
     return cases
 
 
@@ -396,18 +397,18 @@ def lever_step(batches: tuple[int, ...], rounds: int) -> list[Case]:
     """Where DeiT-Ti's distillation step (batch 32) spends its time: the teacher's forward, the
     student's forward, the student's forward + backward (stochastic depth on), the whole step."""
     cases = _step_parts("float32") + _step_parts("bfloat16")
-    bench.measure(cases, rounds, 2.0, print)
+    speed.measure(cases, rounds, 2.0, print)
     return cases
 
 
 def _child_flags(batches: tuple[int, ...], rounds: int) -> list[Case]:
-    cases = [bench.matmul_case()]
+    cases = [speed.matmul_case()]
     for name in (TI, S):
         for batch in batches:
             for dtype in ("float32", "bfloat16"):
                 cases.append(inference_case(name, batch, dtype))
     cases.append(train_case(TI, 32, "float32"))
-    bench.measure(cases, rounds, 0.5, lambda _: None)
+    speed.measure(cases, rounds, 0.5, lambda _: None)
     return cases
 
 

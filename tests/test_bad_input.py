@@ -94,7 +94,7 @@ def test_undecodable_file(kind, tmp_path, model_dir, capsys):
     bad.write_bytes(UNDECODABLE[kind])
     err = one_line_error(capsys, train_args(root, tmp_path))
     assert f"cannot decode image {bad}: " in err
-    assert "stopped where it was read" in err and "--bad-images skip" in err
+    assert "stopped where it was read" in err and "bad_images='skip'" in err
     err = one_line_error(capsys, ["predict", "--checkpoint", model_dir, bad])
     assert f"cannot decode image {bad}: " in err
 

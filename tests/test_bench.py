@@ -1,19 +1,44 @@
-"""A tiny `deit bench` run without the timm reference: the structure of what it returns."""
+"""bench/speed.py: a tiny run without the timm reference (the structure of what it returns), its
+command line, and the report of a result."""
 
+import importlib
 import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import deit
-from deit import bench, bench_report
 from deit.teacher import create_teacher
 
 TINY = "deit_test_distilled_patch4_32"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_matmul_flops_counts_the_model_formula():
+@pytest.fixture(scope="module")
+def bench_modules():
+    """`(speed, speed_report)` from bench/, which is a folder of scripts, not a package: it is on
+    `sys.path` only while they are imported (its `data.py` must not shadow anything later)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("speed"), importlib.import_module("speed_report")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bench(bench_modules):
+    return bench_modules[0]
+
+
+@pytest.fixture(scope="module")
+def bench_report(bench_modules):
+    return bench_modules[1]
+
+
+def test_matmul_flops_counts_the_model_formula(bench):
     model = deit.create_model(TINY)
     x = jnp.zeros((1, 32, 32, 3))
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
@@ -29,22 +54,35 @@ def test_matmul_flops_counts_the_model_formula():
     assert conv == 2 * (4 * 6 * 6) * (3 * 3 * 3)
 
 
-def test_teacher_flops_positive():
+def test_teacher_flops_positive(bench):
     teacher = create_teacher("resnet8", 10)
     x = jnp.zeros((1, 32, 32, 3))
     variables = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), x)
     assert bench.matmul_flops(lambda v, x: teacher.apply(v, x), variables, x) > 0
 
 
-def test_config_rejects_bad_values():
+def test_config_rejects_bad_values(bench):
     with pytest.raises(ValueError, match="dtype"):
         bench.BenchConfig(dtypes=("float16",))
     with pytest.raises(ValueError, match="rounds"):
         bench.BenchConfig(rounds=0)
 
 
+def test_command_line_fills_the_config(bench):
+    import tyro
+
+    args = ["--models", TINY, "--batches", "2", "4", "--dtypes", "float32", "--train-models"]
+    args += ["--no-timm", "--compile-batches", "--rounds", "2", "--markdown", "None"]
+    cfg = tyro.cli(bench.BenchConfig, args=args)
+    assert cfg.models == (TINY,) and cfg.batches == (2, 4) and cfg.dtypes == ("float32",)
+    assert cfg.train_models == () and cfg.compile_batches == () and not cfg.timm
+    assert cfg.rounds == 2 and cfg.markdown is None
+    assert cfg.out == str(BENCH / "results" / "speed.json")  # the README's table by default
+    assert tyro.cli(bench.BenchConfig, args=[]) == bench.BenchConfig()
+
+
 @pytest.mark.slow
-def test_tiny_run_structure(tmp_path):
+def test_tiny_run_structure(tmp_path, capsys, bench, bench_report):
     cfg = bench.BenchConfig(
         models=(TINY,),
         batches=(2,),
@@ -59,10 +97,14 @@ def test_tiny_run_structure(tmp_path):
         pipeline_workers=(0,),
         pipeline_batches=1,
         pipeline_dir=str(tmp_path / "jpegs"),
+        out=str(tmp_path / "speed.json"),
+        markdown=str(tmp_path / "speed.md"),
     )
-    lines = []
-    result = bench.run_bench(cfg, log=lines.append)
-    assert any(line.startswith("round 2/2 done") for line in lines)
+    result = bench.main(cfg)
+    out, err = capsys.readouterr()
+    assert "round 2/2 done" in err and "| target |" in out
+    assert json.loads((tmp_path / "speed.json").read_text())["cases"] == result["cases"]
+    assert "`python bench/speed.py" in (tmp_path / "speed.md").read_text()
     json.dumps(result)  # JSON-ready
     kinds = {(c["kind"], c["impl"]) for c in result["cases"]}
     assert kinds == {("matmul", "xla"), ("infer", "deit"), ("train", "deit")}
@@ -88,6 +130,6 @@ def test_tiny_run_structure(tmp_path):
     assert "matmul rate" in bench_report.notes(result)
 
 
-def test_short_names():
+def test_short_names(bench_report):
     assert bench_report.short_name("deit_tiny_distilled_patch16_224") == "DeiT-Ti⚗"
     assert bench_report.short_name("deit_small_patch16_224") == "DeiT-S"

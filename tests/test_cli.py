@@ -108,3 +108,31 @@ def test_bad_flags_are_one_line_errors(args, message, capsys, tmp_path):
     )
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_an_internal_error_is_reported_as_a_bug_with_its_traceback(monkeypatch, capsys):
+    from deit import cli_train
+
+    def broken(argv):
+        return {}["no such key"]  # a bug, not bad input
+
+    monkeypatch.setattr(cli_train, "parse", broken)
+    assert cli.main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'no such key'" in err
+    assert err.strip().splitlines()[-1].startswith("deit train: internal error: this is a bug")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_a_user_error(how, monkeypatch, capsys):
+    argv = ["train", "--batch-size", "0"]
+    if how == "flag":
+        argv = ["--debug", *argv]
+    else:
+        monkeypatch.setenv("DEIT_DEBUG", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1] == (
+        "deit train: error: --batch-size 0; expected a positive number"
+    )

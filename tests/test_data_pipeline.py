@@ -141,7 +141,7 @@ def test_bad_image_error_names_the_file_when_read(bad_folder):
         for batch in data.train_batches(train, cfg, seed=0, global_batch=4):
             data.take_bad(batch, train, "error")
     assert (
-        "--bad-images skip" in str(err.value)
+        "bad_images='skip'" in str(err.value)
         and "stopped where it was read" in str(err.value)
         and "\n" not in str(err.value)
     )

@@ -1,8 +1,15 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from deit import evaluate
+import deit
+from deit import data, evaluate, export
+from deit.export import Preprocessing
+from deit.teacher import create_teacher
+from deit.transforms import eval_transform
+from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_batch_sums_on_fixed_logits():
@@ -53,3 +60,63 @@ def test_evaluate_accumulates_over_batches():
     result = evaluate.evaluate(step, batches)
     assert result["avg"]["count"] == 3
     assert result["avg"]["top1"] == pytest.approx(100 / 3)
+
+
+def test_preprocessing_from_config_fills_in_the_registry():
+    base384 = deit.create_model("deit_base_patch16_384")
+    prep = Preprocessing.from_config({"variant": "deit_base_patch16_384"}, base384)
+    assert prep == Preprocessing(384, IMAGENET_MEAN, IMAGENET_STD, 1.0, "bicubic")
+    tiny = deit.create_model("deit_tiny_patch16_224")
+    assert Preprocessing.from_config({"variant": "deit_tiny_patch16_224"}, tiny).crop_pct == 0.875
+    # A converted model at another size keeps its variant's crop; its size is the model's.
+    big_tiny = deit.create_model("deit_tiny_patch16_224", img_size=288)
+    prep = Preprocessing.from_config({"variant": "deit_tiny_patch16_224"}, big_tiny)
+    assert (prep.img_size, prep.crop_pct) == (288, 0.875)
+    # What the folder says wins, and to_config writes exactly what from_config reads.
+    written = {"img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0}
+    written["interpolation"] = "bilinear"
+    prep = Preprocessing.from_config({"variant": "deit_tiny_patch16_224", **written}, tiny)
+    assert prep == Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
+    assert prep.to_config() == written
+    assert Preprocessing.from_config(prep.to_config(), tiny) == prep
+    # No variant and no size: a ResNet gets the registry's defaults at 224.
+    resnet = create_teacher("resnet8", 10)
+    assert Preprocessing.from_config({}, resnet) == Preprocessing(224)
+    assert Preprocessing.from_data(data.DataConfig(img_size=16, crop_pct=1.0)).crop_pct == 1.0
+
+
+def test_preprocessing_refuses_bad_values():
+    with pytest.raises(ValueError, match="img_size 0"):
+        Preprocessing(0)
+    with pytest.raises(ValueError, match="one value per channel"):
+        Preprocessing(32, mean=(0.5,), std=(0.2, 0.2, 0.2))
+
+
+def test_preprocessing_inputs_are_the_crop_normalised_on_the_device():
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    prep = Preprocessing(32, (0.5, 0.4, 0.3), (0.25, 0.2, 0.1), crop_pct=0.875)
+    x = prep.inputs([image, image[::-1]])
+    assert isinstance(x, jax.Array) and x.dtype == jnp.float32 and x.shape == (2, 32, 32, 3)
+    crop = eval_transform(image, 32, crop_pct=0.875)
+    want = (crop / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.25, 0.2, 0.1])
+    np.testing.assert_allclose(x[0], want, atol=1e-5)
+    np.testing.assert_array_equal(prep.crop([image]), crop[None])
+
+
+def test_predict_is_the_model_on_the_exported_preprocessing(tmp_path):
+    model = deit.create_model("deit_test_distilled_patch4_32")
+    variables = {"params": deit.init_params(model, 0)}
+    prep = Preprocessing(32, (0.5,) * 3, (0.25,) * 3, crop_pct=1.0, interpolation="bilinear")
+    classes = [f"c{i}" for i in range(10)]
+    export.save_model(tmp_path / "m", model, variables, classes=classes, **prep.to_config())
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(2)]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    top = evaluate.predict(tmp_path / "m", paths, top=3)
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, prep.inputs(images)).logits))
+    for row, p in zip(top, probs, strict=True):
+        assert [name for name, _ in row] == [classes[j] for j in np.argsort(-p)[:3]]
+        np.testing.assert_allclose([q for _, q in row], np.sort(p)[::-1][:3], rtol=1e-5)

@@ -167,7 +167,7 @@ def test_two_processes_match_one(tmp_path):
     ckpts.close()
     assert int(restored.step) == 3
     assert_same_params(jax.device_get(restored.params), final_params(single))
-    from deit.run import evaluate_checkpoint
+    from deit.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(multi / "final", "digits")
     assert result["avg"]["count"] == 360

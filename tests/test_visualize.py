@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +195,22 @@ def test_visualize_errors_are_one_line(args, message, capsys):
 def test_rollout_needs_a_layer():
     with pytest.raises(ValueError, match="at least one layer"):
         attention_rollout([])
+
+
+def test_plotting_leaves_matplotlib_global_state_alone(tmp_path):
+    """No `matplotlib.use` and no pyplot: a caller's backend (here svg) survives importing the
+    module and drawing with it, and no figure is left in pyplot's list."""
+    code = (
+        "import sys, matplotlib\n"
+        "before = (matplotlib.get_backend(), matplotlib.rcParams['backend'])\n"
+        "import deit.visualize as v\n"
+        "sim = {'input': 0.1, 'layers': [0.2, 0.5], 'output': 0.9, 'heads': None}\n"
+        f"v.plot_token_similarity({{'m': sim}}, {str(tmp_path / 'sim.png')!r})\n"
+        "after = (matplotlib.get_backend(), matplotlib.rcParams['backend'])\n"
+        "assert before == after == ('svg', 'svg'), (before, after)\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,17 @@ _EXPORTS = {
     "ModelSpec": "deit.variants",
     "get_spec": "deit.variants",
 }
-_SUBMODULES = ("convert", "data", "export", "train", "run", "visualize", "parallel", "teacher")
+_SUBMODULES = (
+    "convert",
+    "data",
+    "evaluate",
+    "export",
+    "train",
+    "run",
+    "visualize",
+    "parallel",
+    "teacher",
+)
 
 
 def list_models() -> list[str]:

@@ -61,7 +61,7 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from deit.run import evaluate_checkpoint
+    from deit.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(
         args.checkpoint, args.data, args.batch_size, args.workers, args.bad_images
@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from deit.run import predict
+    from deit.evaluate import predict
 
     for path, top in zip(args.images, predict(args.checkpoint, args.images, args.top), strict=True):
         print(path)
@@ -161,57 +161,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="images/s and FLOP rate against timm, interleaved, one run")
-    p.add_argument("--models", nargs="+", default=None, help="default: Ti and S, distilled")
-    p.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8 32 64")
-    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--train-models", nargs="*", default=None, help="none: no training step")
-    p.add_argument("--train-batch", type=int, default=None)
-    p.add_argument("--teacher", default=None, help="ResNet teacher of the training step")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
-    p.add_argument("--min-seconds", type=float, default=None, help="per case and round")
-    p.add_argument("--no-timm", action="store_true", help="skip the timm reference")
-    p.add_argument("--compile-batches", nargs="*", type=int, default=None,
-                   help="torch.compile the reference at these batches; none: never")  # fmt: skip
-    p.add_argument("--no-compile-train", action="store_true")
-    p.add_argument("--pipeline-workers", nargs="*", type=int, default=None)
-    p.add_argument("--out", default="bench.json", help="results as JSON")
-    p.add_argument("--markdown", default=None, help="also write the tables here")
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    import shlex
-
-    from deit import bench, bench_report
-
-    names = ("models", "batches", "dtypes", "train_models", "train_batch", "teacher", "rounds")
-    names += ("min_seconds", "compile_batches", "pipeline_workers")
-    fields = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    cfg = bench.BenchConfig(
-        **fields, timm=not args.no_timm, compile_train=not args.no_compile_train
-    )
-    result = bench.run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    script = sys.argv[0]
-    prog = ["python", script] if script.endswith(".py") else ["deit"]
-    result["command"] = shlex.join([*prog, *sys.argv[1:]])
-    result["targets"] = bench_report.targets(result)
-    text = "\n\n".join(
-        [
-            bench_report.markdown(result),
-            bench_report.notes(result),
-            bench_report.format_targets(result["targets"]),
-            f"`{result['command']}`",
-        ]
-    )
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    print(text)
-    print(f"results: {Path(args.out).absolute()}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deit", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -254,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files (with --checkpoint)")
     sub.add_parser("info", help="registered variants with parameter counts and FLOPs")
     _data_parser(sub)
-    _bench_parser(sub)
     return parser
 
 
@@ -264,7 +212,6 @@ COMMANDS = {
     "convert": cmd_convert,
     "visualize": cmd_visualize,
     "info": cmd_info,
-    "bench": cmd_bench,
     "data": cmd_data,
 }
 

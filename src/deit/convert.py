@@ -379,4 +379,8 @@ def convert_checkpoint(
         overrides["with_dist_head"] = False
     model = create_model(name, **overrides)
     params = from_torch(state_dict, model, drop_heads=drop_heads)
-    return export.save_model(out_dir, model, {"params": params}, source=str(src), variant=name)
+    # The registry's eval preprocessing of the variant, at the converted model's size.
+    prep = export.Preprocessing.from_config({"variant": name}, model)
+    return export.save_model(
+        out_dir, model, {"params": params}, source=str(src), variant=name, **prep.to_config()
+    )

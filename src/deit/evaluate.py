@@ -1,15 +1,34 @@
-"""Per-head evaluation: top-1 / top-5 / cross-entropy of the class head, the distillation head
-and their average (the paper's Table 3 reports all three), over a whole validation set.
+"""Evaluation and prediction: top-1 / top-5 / cross-entropy of the class head, the distillation
+head and their average (the paper's Table 3 reports all three) over a whole validation set, for a
+run's weights (each epoch, `evaluate_state`), a teacher, or an exported model (`deit eval`,
+`evaluate_checkpoint`); and the top classes of image files (`deit predict`, `predict`).
+
+An exported model's images go through its `export.Preprocessing`: the eval transform in the data
+pipeline's workers (or `Preprocessing.crop` for files), normalisation on the device in the step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from deit import data as data_lib
+from deit import parallel
+from deit.augment import normalize
+from deit.compiler import compiler_options
+from deit.export import Preprocessing, exported_folder, load_exported
+from deit.model import forward
+from deit.teacher import Teacher, teacher_logits
+from deit.transforms import decode_image
+
+if TYPE_CHECKING:
+    from deit.train import TrainState
 
 HEADS = ("cls", "dist", "avg")
 
@@ -79,3 +98,145 @@ def evaluate(
     for batch in batches:
         accumulate(totals, step_fn(batch))
     return finish(totals)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_eval_step(
+    model: Any, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any, Any, dict[str, jax.Array]], dict]:
+    """`eval_step(params, batch_stats, batch) -> per-head sums` (see `head_sums`); batch images
+    uint8, normalised here with `mean` and `std`."""
+
+    def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array]) -> dict:
+        x = normalize(batch["image"], mean, std)
+        cls, dist, _ = forward(model, params, batch_stats, x, train=False)
+        return head_sums(cls, dist, batch["label"], batch["mask"])
+
+    return eval_step
+
+
+def make_teacher_eval_step(
+    teacher: Teacher, dtype: Any = jnp.float32
+) -> Callable[[dict[str, jax.Array]], dict]:
+    """`eval_step(batch) -> {"avg": sums}` of a frozen teacher (its own normalisation), jitted."""
+
+    def eval_step(batch: dict[str, jax.Array]) -> dict:
+        logits = teacher_logits(teacher, batch["image"].astype(jnp.float32) / 255.0)
+        return {"avg": batch_sums(logits, batch["label"], batch["mask"])}
+
+    return jax.jit(eval_step, compiler_options=compiler_options(dtype))
+
+
+# ----------------------------------------------------------------------------- whole passes
+
+
+def run_eval(
+    step_fn: Callable[[dict[str, jax.Array]], dict],
+    source: data_lib.RecordSource,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+) -> dict[str, dict[str, float]]:
+    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`)."""
+    batches = data_lib.eval_batches(
+        source,
+        data_cfg,
+        global_batch=global_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    def on_mesh(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        parallel.take_bad(batch, source, data_cfg.bad_images)
+        return parallel.put_batch(batch, mesh)
+
+    with batches:
+        return evaluate(step_fn, map(on_mesh, batches))
+
+
+def weight_sets(state: TrainState) -> dict[str, Any]:
+    """The weights evaluated each epoch: `val` (the trained ones) and `val_ema` (with EMA)."""
+    weights = {"val": state.params}
+    if state.ema_params is not None:
+        weights["val_ema"] = state.ema_params
+    return weights
+
+
+def evaluate_state(
+    eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
+    state: TrainState,
+    source: data_lib.RecordSource,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
+    return {
+        split: run_eval(
+            functools.partial(eval_step, params, state.batch_stats),
+            source,
+            data_cfg,
+            mesh,
+            global_batch,
+        )
+        for split, params in weight_sets(state).items()
+    }
+
+
+# ----------------------------------------------------------------------------- exported models
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    batch_size: int = 128,
+    workers: int | None = None,
+    bad_images: str = "error",
+) -> dict[str, dict[str, float]]:
+    """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
+    model, variables, config = load_exported(exported_folder(checkpoint))
+    prep = Preprocessing.from_config(config, model)
+    cfg = data_lib.DataConfig(
+        dataset=data,
+        img_size=prep.img_size,
+        crop_pct=prep.crop_pct,
+        interpolation=prep.interpolation,
+        mean=prep.mean,
+        std=prep.std,
+        workers=workers,
+        bad_images=bad_images,
+    )
+    _, val_src = data_lib.load_sources(cfg)
+    classes = config.get("classes")
+    if classes is not None and classes != val_src.classes:
+        raise ValueError(
+            f"the checkpoint was trained on classes {classes[:5]}... but {data} has "
+            f"{val_src.classes[:5]}...; expected the same class folders"
+        )
+    mesh = parallel.make_mesh()
+    batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
+    step = jax.jit(
+        make_eval_step(model, prep.mean, prep.std), compiler_options=compiler_options(model.dtype)
+    )
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    return run_eval(lambda b: step(params, stats, b), val_src, cfg, mesh, batch_size)
+
+
+def predict(
+    checkpoint: str | Path, images: list[str], top: int = 5
+) -> list[list[tuple[str, float]]]:
+    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
+    model, variables, config = load_exported(exported_folder(checkpoint))
+    prep = Preprocessing.from_config(config, model)
+    classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
+    x = prep.inputs([decode_image(p) for p in images])
+    cls, dist, _ = forward(
+        model, variables["params"], variables.get("batch_stats", {}), x, train=False
+    )
+    logits = cls if dist is None else (cls + dist) / 2
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    k = min(top, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1)[:, :k]
+    return [[(classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]

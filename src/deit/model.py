@@ -255,6 +255,23 @@ def forward_with_attention(
     return out, attn, tokens
 
 
+def forward(
+    model: Any, params: Any, batch_stats: Any, x: jax.Array, *, train: bool, rng: Any = None
+) -> tuple[jax.Array, jax.Array | None, Any]:
+    """`(cls_logits, dist_logits or None, new batch_stats)` for a DeiT or a ResNet teacher: the
+    one call that training, evaluation and prediction make (`batch_stats` empty for a DeiT)."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    rngs = {"dropout": rng} if rng is not None else None
+    if train and batch_stats:
+        out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+    else:
+        out = model.apply(variables, x, train=train, rngs=rngs)
+    if isinstance(out, DeiTOutput):
+        return out.cls_logits, out.dist_logits, batch_stats
+    return out, None, batch_stats
+
+
 def resample_pos_embed(
     pos_embed: jax.Array | np.ndarray,
     new_grid: tuple[int, int],

@@ -14,7 +14,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deit import data as data_lib
 
 AXIS = "data"
 
@@ -101,3 +104,23 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+
+
+def take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
+    """`data.take_bad` agreed by every process: `(this share's bad records, all shares' count)`.
+
+    With several processes each sees only its share, so under "error" the processes first count
+    together and all stop, rather than one stopping and the rest waiting in the next step."""
+    if jax.process_count() == 1:
+        skipped = data_lib.take_bad(batch, source, mode)
+        return skipped, len(skipped)
+    skipped = data_lib.take_bad(batch, source, "skip")
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(skipped))))
+    if mode == "error" and counts.sum():
+        if skipped:
+            data_lib.take_bad({"bad": np.asarray(skipped)}, source, "error")  # raises, naming it
+        raise data_lib.BadImageError(
+            f"process {int(np.argmax(counts > 0))} read an unreadable image (its own message names "
+            "it); stopped where it was read (the checkpoints written so far are kept)"
+        )
+    return skipped, int(counts.sum())

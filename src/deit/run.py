@@ -1,5 +1,5 @@
 """Whole runs, as the CLI offers them: train (teacher first when needed) and evaluate, fine-tune an
-exported model, evaluate an exported model, predict classes of image files.
+exported model. Evaluating and predicting with an exported model: `evaluate.py`.
 """
 
 from __future__ import annotations
@@ -10,47 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax.traverse_util import flatten_dict
 
 from deit import configs, export, parallel
 from deit import data as data_lib
-from deit.compiler import compiler_options
 from deit.configs import ModelConfig, TrainConfig
+from deit.evaluate import make_teacher_eval_step, run_eval
+from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
-from deit.train import fit, make_eval_step, make_teacher_eval_step, run_eval
-from deit.transforms import decode_image, eval_transform
+from deit.train import fit
 from deit.variants import VARIANTS
-
-
-def load_exported(folder: str | Path) -> tuple[Any, dict, dict[str, Any]]:
-    """`export.load_model`, with a one-line ValueError naming the differing arrays when the
-    weights do not fit the architecture in `config.json` (instead of Flax's error mid-apply)."""
-    model, variables, config = export.load_model(folder)
-    size = _model_size(model) if isinstance(model, DeiT) else int(config.get("img_size") or 32)
-    x = jax.ShapeDtypeStruct((1, size, size, getattr(model, "in_chans", 3)), jnp.float32)
-    shapes = lambda tree: {k: tuple(v.shape) for k, v in flatten_dict(tree, sep="/").items()}
-    wanted = shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
-    diff = export.layout_mismatch(shapes(variables), wanted)
-    if diff:
-        raise ValueError(
-            f"the weights in {folder} do not fit its {export.CONFIG}: {diff}; expected a folder "
-            "written by deit train or deit convert, unchanged"
-        )
-    return model, variables, config
-
-
-def teacher_from_export(folder: str | Path) -> Teacher:
-    """A frozen teacher from an exported model folder (a trained ResNet or any DeiT)."""
-    model, variables, config = load_exported(folder)
-    mean = config.get("mean", data_lib.IMAGENET_MEAN)
-    std = config.get("std", data_lib.IMAGENET_STD)
-    if isinstance(model, DeiT):
-        return Teacher.from_deit(model, variables, mean, std)
-    return Teacher.from_resnet(model, variables, mean, std, config.get("img_size"))
 
 
 def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
@@ -226,87 +196,6 @@ def train_and_evaluate(
 
         plot_curves(out)
     return summary
-
-
-def exported_folder(path: str | Path) -> Path:
-    """The exported model in `path`: the folder itself, or a run folder's `final/` (or `best/`)."""
-    path = Path(path)
-    for candidate in (path, path / "final", path / "best"):
-        if (candidate / export.CONFIG).is_file():
-            return candidate
-    raise ValueError(
-        f"{path} holds no exported model; expected a folder with {export.CONFIG} (a run's "
-        "final/ or best/, or the output of deit convert)"
-    )
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data: str,
-    batch_size: int = 128,
-    workers: int | None = None,
-    bad_images: str = "error",
-) -> dict[str, dict[str, float]]:
-    """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
-    folder = exported_folder(checkpoint)
-    model, variables, config = load_exported(folder)
-    cfg = data_lib.DataConfig(
-        dataset=data,
-        img_size=int(config.get("img_size", _model_size(model))),
-        crop_pct=float(config.get("crop_pct", 0.875)),
-        mean=tuple(config.get("mean", data_lib.IMAGENET_MEAN)),
-        std=tuple(config.get("std", data_lib.IMAGENET_STD)),
-        workers=workers,
-        bad_images=bad_images,
-    )
-    _, val_src = data_lib.load_sources(cfg)
-    classes = config.get("classes")
-    if classes is not None and classes != val_src.classes:
-        raise ValueError(
-            f"the checkpoint was trained on classes {classes[:5]}... but {data} has "
-            f"{val_src.classes[:5]}...; expected the same class folders"
-        )
-    mesh = parallel.make_mesh()
-    batch_size = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
-    step = jax.jit(
-        make_eval_step(model, cfg.mean, cfg.std), compiler_options=compiler_options(model.dtype)
-    )
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    return run_eval(lambda b: step(params, stats, b), val_src, cfg, mesh, batch_size)
-
-
-def _model_size(model: Any) -> int:
-    size = getattr(model, "img_size", 224)
-    return size if isinstance(size, int) else size[0]
-
-
-def predict(
-    checkpoint: str | Path, images: list[str], top: int = 5
-) -> list[list[tuple[str, float]]]:
-    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
-    folder = exported_folder(checkpoint)
-    model, variables, config = load_exported(folder)
-    size = int(config.get("img_size", _model_size(model)))
-    mean = np.asarray(config.get("mean", data_lib.IMAGENET_MEAN), np.float32)
-    std = np.asarray(config.get("std", data_lib.IMAGENET_STD), np.float32)
-    classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
-    batch = np.stack(
-        [
-            eval_transform(decode_image(p), size, crop_pct=float(config.get("crop_pct", 0.875)))
-            for p in images
-        ]
-    )
-    x = (batch.astype(np.float32) / 255.0 - mean) / std
-    from deit.train import forward
-
-    cls, dist, _ = forward(
-        model, variables["params"], variables.get("batch_stats", {}), x, train=False
-    )
-    logits = cls if dist is None else (cls + dist) / 2
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-    k = min(top, probs.shape[-1])
-    order = np.argsort(-probs, axis=-1)[:, :k]
-    return [[(classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
 
 
 def _variant_at(name: str | None, img_size: int) -> str:

@@ -9,7 +9,6 @@ The same loop trains the CNN teacher (a model with BatchNorm statistics and no d
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -34,8 +33,9 @@ from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, ra
 from deit.checkpoint import Checkpoints, abstract_like
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
+from deit.evaluate import evaluate_state, make_eval_step, weight_sets
 from deit.losses import LossConfig, deit_loss
-from deit.model import DeiTOutput
+from deit.model import forward
 from deit.optim import EmaConfig, create_optimizer, ema_decay_at, ema_update
 from deit.progress import RunLogger
 from deit.teacher import Teacher, teacher_logits
@@ -64,22 +64,6 @@ class StepConfig:
     erasing: ErasingConfig
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(enabled=False))
-
-
-def forward(
-    model: Any, params: Any, batch_stats: Any, x: jax.Array, *, train: bool, rng: Any = None
-) -> tuple[jax.Array, jax.Array | None, Any]:
-    """`(cls_logits, dist_logits or None, new batch_stats)` for a DeiT or a ResNet."""
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    rngs = {"dropout": rng} if rng is not None else None
-    if train and batch_stats:
-        out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
-        batch_stats = updates["batch_stats"]
-    else:
-        out = model.apply(variables, x, train=train, rngs=rngs)
-    if isinstance(out, DeiTOutput):
-        return out.cls_logits, out.dist_logits, batch_stats
-    return out, None, batch_stats
 
 
 def init_state(
@@ -163,73 +147,6 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(
-    model: Any, mean: tuple[float, ...], std: tuple[float, ...]
-) -> Callable[[Any, Any, dict[str, jax.Array]], dict]:
-    """`eval_step(params, batch_stats, batch) -> per-head sums` (see `evaluate.head_sums`)."""
-
-    def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array]) -> dict:
-        x = normalize(batch["image"], mean, std)
-        cls, dist, _ = forward(model, params, batch_stats, x, train=False)
-        return eval_lib.head_sums(cls, dist, batch["label"], batch["mask"])
-
-    return eval_step
-
-
-def make_teacher_eval_step(
-    teacher: Teacher, dtype: Any = jnp.float32
-) -> Callable[[dict[str, jax.Array]], dict]:
-    def eval_step(batch: dict[str, jax.Array]) -> dict:
-        logits = teacher_logits(teacher, batch["image"].astype(jnp.float32) / 255.0)
-        return {"avg": eval_lib.batch_sums(logits, batch["label"], batch["mask"])}
-
-    return jax.jit(eval_step, compiler_options=compiler_options(dtype))
-
-
-def run_eval(
-    step_fn: Callable[[dict[str, jax.Array]], dict],
-    source: data_lib.RecordSource,
-    data_cfg: data_lib.DataConfig,
-    mesh: Any,
-    global_batch: int,
-) -> dict[str, dict[str, float]]:
-    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`)."""
-    batches = data_lib.eval_batches(
-        source,
-        data_cfg,
-        global_batch=global_batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-    def on_mesh(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        _take_bad(batch, source, data_cfg.bad_images)
-        return parallel.put_batch(batch, mesh)
-
-    with batches:
-        return eval_lib.evaluate(step_fn, map(on_mesh, batches))
-
-
-def _take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
-    """`data.take_bad` agreed by every process: `(this share's bad records, all shares' count)`.
-
-    With several processes each sees only its share, so under "error" the processes first count
-    together and all stop, rather than one stopping and the rest waiting in the next step."""
-    if jax.process_count() == 1:
-        skipped = data_lib.take_bad(batch, source, mode)
-        return skipped, len(skipped)
-    skipped = data_lib.take_bad(batch, source, "skip")
-    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(skipped))))
-    if mode == "error" and counts.sum():
-        if skipped:
-            data_lib.take_bad({"bad": np.asarray(skipped)}, source, "error")  # raises, naming it
-        raise data_lib.BadImageError(
-            f"process {int(np.argmax(counts > 0))} read an unreadable image (its own message names "
-            "it); stopped where it was read (the checkpoints written so far are kept)"
-        )
-    return skipped, int(counts.sum())
-
-
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
 
@@ -271,35 +188,6 @@ def _check_finite(values: dict[str, float], step: int, ckpts: Checkpoints) -> No
             f"checkpoint (step {last}) is in {ckpts.directory}. Lower optim.base_lr or set "
             "optim.clip_grad_norm, then resume the run"
         )
-
-
-def _weights(state: TrainState) -> dict[str, Any]:
-    """The weights evaluated each epoch: `val` (the trained ones) and `val_ema` (with EMA)."""
-    weights = {"val": state.params}
-    if state.ema_params is not None:
-        weights["val_ema"] = state.ema_params
-    return weights
-
-
-def evaluate_state(
-    eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
-    state: TrainState,
-    source: data_lib.RecordSource,
-    data_cfg: data_lib.DataConfig,
-    mesh: Any,
-    global_batch: int,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
-    return {
-        split: run_eval(
-            functools.partial(eval_step, params, state.batch_stats),
-            source,
-            data_cfg,
-            mesh,
-            global_batch,
-        )
-        for split, params in _weights(state).items()
-    }
 
 
 class _BadImages:
@@ -459,13 +347,13 @@ def fit(
     try:
         for kind, epoch, batch in stream:
             source = train_src if kind == "train" else val_src
-            bad.add(source, *_take_bad(batch, source, cfg.data.bad_images))
+            bad.add(source, *parallel.take_bad(batch, source, cfg.data.bad_images))
             if started is not None:
                 logger.log_start({"first_batch_s": time.perf_counter() - started})
                 started = None
             if kind == "eval":
                 device_batch = parallel.put_batch(batch, mesh)
-                for split, params in _weights(state).items():
+                for split, params in weight_sets(state).items():
                     sums = eval_step(params, state.batch_stats, device_batch)
                     eval_lib.accumulate(totals.setdefault(split, {}), sums)
                 evaluated += 1
@@ -544,11 +432,7 @@ def _export(
         model,
         variables,
         classes=source.classes,
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
-        img_size=cfg.data.img_size,
-        crop_pct=cfg.data.crop_pct,
-        interpolation=cfg.data.interpolation,
+        **export.Preprocessing.from_data(cfg.data).to_config(),
         ema=ema,
         **(extra or {}),
     )

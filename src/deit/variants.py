@@ -33,10 +33,6 @@ class ModelSpec:
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
 
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
-
 
 def _family(prefix: str, d: int, heads: int, size: int = 224) -> dict[str, ModelSpec]:
     crop = 0.875 if size == 224 else 1.0

@@ -5,6 +5,9 @@ attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transfor
 patches, overlaid on the input — and how similar the two tokens are at every layer (DeiT §4
 reports cosine 0.06 between the learned tokens at the input and 0.93 at the last layer).
 Of a run: training curves and the per-head accuracy table.
+
+Figures are bare `matplotlib.figure.Figure`s drawn on their own Agg canvas: no pyplot, so importing
+or plotting leaves matplotlib's backend and its global figure list as the caller set them.
 """
 
 from __future__ import annotations
@@ -17,18 +20,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from deit.export import Preprocessing, exported_folder, load_exported
 from deit.layers import LN_EPS
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from deit.model import DeiT, forward_with_attention
+from deit.transforms import decode_image
 
 # DeiT §4 ("Distillation token"), DeiT-B on ImageNet: cosine of the learned CLS and DIST tokens,
 # and of the two tokens' embeddings at the last layer.
 PAPER_COSINE = {"input": 0.06, "output": 0.93}
 DISPLAY_SIDE = 224  # small inputs (16x16 digits) are enlarged to about this many pixels
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas (what `savefig` renders through), outside pyplot."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- a run
@@ -45,7 +56,8 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     if not (run / "metrics.jsonl").is_file():
         raise ValueError(f"{run} has no metrics.jsonl; expected the output folder of deit train")
     train, evals = read_metrics(run)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = _figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     steps = [x["step"] for x in train]
     axes[0].plot(steps, [x["loss"] for x in train], label="total")
     axes[0].plot(steps, [x["base_loss"] for x in train], label="class head (labels)")
@@ -69,7 +81,6 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     path = Path(out) if out else run / "curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -94,7 +105,8 @@ def plot_results(run: str | Path, out: str | Path | None = None) -> Path:
     summary = json.loads((run / "results.json").read_text())
     rows = results_rows(summary)
     cells = [[f"{m['top1']:.2f}", f"{m['top5']:.2f}"] for _, m in rows]
-    fig, ax = plt.subplots(figsize=(6, 0.3 * (len(rows) + 1) + 0.4))
+    fig = _figure(figsize=(6, 0.3 * (len(rows) + 1) + 0.4))
+    ax = fig.subplots()
     ax.axis("off")
     # The table fills the axes right of the row labels, so the saved figure has no blank margin.
     ax.table(
@@ -109,7 +121,6 @@ def plot_results(run: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     path = Path(out) if out else run / "results.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -224,8 +235,8 @@ def plot_attention(
     (head-averaged, upsampled, min-max scaled per panel) overlaid on it."""
     keys = [k for k in PANELS if k in maps]
     n = len(images)
-    fig, axes = plt.subplots(n, len(keys) + 1, figsize=(2.6 * (len(keys) + 1), 2.7 * n))
-    axes = np.asarray(axes).reshape(n, len(keys) + 1)
+    fig = _figure(figsize=(2.6 * (len(keys) + 1), 2.7 * n))
+    axes = fig.subplots(n, len(keys) + 1, squeeze=False)
     for i, image in enumerate(images):
         big, _ = _enlarge(image, maps[keys[0]][i])
         axes[i, 0].imshow(big)
@@ -240,7 +251,6 @@ def plot_attention(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -250,7 +260,8 @@ def plot_token_similarity(sims: dict[str, dict[str, Any]], path: str | Path) -> 
     weights; grey squares are the paper's DeiT-B values (§4) at the input and the last block."""
     depth = max(len(sim["layers"]) for sim in sims.values())
     xs = np.arange(depth + 3)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * depth + 4), 4))
+    fig = _figure(figsize=(max(6.0, 0.5 * depth + 4), 4))
+    ax = fig.subplots()
     for label, sim in sims.items():
         ys = [sim["input"], *sim["layers"], sim["output"]]
         (line,) = ax.plot(xs[: len(ys)], ys, "o-", label=label)
@@ -268,26 +279,10 @@ def plot_token_similarity(sims: dict[str, dict[str, Any]], path: str | Path) -> 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 # ----------------------------------------------------------------------------- a checkpoint
-
-
-def _preprocessing(model: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """Eval size, crop, interpolation, mean and std: the export's, else its variant's."""
-    from deit.variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
-
-    spec = VARIANTS.get(config.get("variant", ""))
-    size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
-    return {
-        "size": int(config.get("img_size", size)),
-        "crop_pct": float(config.get("crop_pct", spec.crop_pct if spec else 0.875)),
-        "interpolation": config.get("interpolation", "bicubic"),
-        "mean": np.asarray(config.get("mean", spec.mean if spec else IMAGENET_MEAN), np.float32),
-        "std": np.asarray(config.get("std", spec.std if spec else IMAGENET_STD), np.float32),
-    }
 
 
 def visualize_checkpoint(
@@ -300,25 +295,14 @@ def visualize_checkpoint(
     """`deit visualize --checkpoint DIR IMAGE...`: `<image stem>_attention.png` per image (or one
     `attention.png` with a row per image if `together`) and, for a distilled model,
     `token_similarity.png` and `.json` (averaged over the images), into `out`."""
-    from deit import export
-    from deit.model import DeiT, forward_with_attention
-    from deit.run import exported_folder
-    from deit.transforms import decode_image, eval_transform
-
     if not images:
-        raise ValueError("no image files given; expected deit visualize --checkpoint DIR IMAGE...")
-    model, variables, config = export.load_model(exported_folder(checkpoint))
+        raise ValueError("no image files given; expected at least one image with the checkpoint")
+    model, variables, config = load_exported(exported_folder(checkpoint))
     if not isinstance(model, DeiT):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
-    prep = _preprocessing(model, config)
-    batch = np.stack(
-        [
-            eval_transform(decode_image(p), prep["size"], prep["crop_pct"], prep["interpolation"])
-            for p in images
-        ]
-    )
-    x = (batch.astype(np.float32) / 255.0 - prep["mean"]) / prep["std"]
-    output, attn, tokens = forward_with_attention(model, variables, x)
+    prep = Preprocessing.from_config(config, model)
+    batch = prep.crop([decode_image(p) for p in images])  # shown under the maps
+    output, attn, tokens = forward_with_attention(model, variables, prep.normalize(batch))
     maps = attention_maps(attn, model.grid, model.num_prefix_tokens)
     probs = np.asarray(jax.nn.softmax(output.logits, axis=-1))
     classes = config.get("classes") or [str(i) for i in range(probs.shape[-1])]

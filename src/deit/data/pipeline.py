@@ -79,7 +79,7 @@ def epoch_order(n: int, epoch: int, seed: int, global_batch: int, repeats: int) 
     if steps == 0:
         raise ValueError(
             f"the training set has {n} samples, fewer than the global batch {global_batch}; "
-            "use a smaller --batch-size"
+            f"expected a batch of at most {n}"
         )
     order = order[: steps * global_batch].reshape(steps, global_batch)
     if repeats > 1:
@@ -361,8 +361,8 @@ def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list
             reason = str(err)
         raise BadImageError(
             f"{reason}; stopped where it was read (the checkpoints written so far are kept). "
-            "Fix or remove it, or pass --bad-images skip; deit data check lists every "
-            "unreadable image"
+            "Fix or remove it, or skip unreadable images (bad_images='skip'); deit data check "
+            "lists every unreadable image"
         )
     return bad
 

@@ -1,4 +1,5 @@
-"""The results of `deit.bench.run_bench` as a markdown table and a list of checked targets.
+"""The results of `speed.run_bench` (bench/speed.py) as a markdown table and a list of checked
+targets.
 
 Works on the JSON-ready dict alone, so a saved `speed.json` can be re-rendered without re-running.
 """

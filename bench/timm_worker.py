@@ -1,6 +1,6 @@
-"""The reference side of `deit bench`: timm on torch, timed in a worker process.
+"""The reference side of `bench/speed.py`: timm on torch, timed in a worker process.
 
-The worker runs this file as a plain script (`python -P bench_timm.py ...`), so it imports neither
+The worker runs this file as a plain script (`python -P timm_worker.py ...`), so it imports neither
 JAX nor the `deit` package: its peak RSS is torch's alone, and its OpenMP threads sleep while the
 JAX side is timed (and XLA's sleep while this side is). The parent drives it one message at a time,
 which is what interleaves the two implementations A B A B in one run.
@@ -65,7 +65,7 @@ class TorchWorker:
     def __init__(self, threads: int) -> None:
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
-        # -P: the script's folder (src/deit, full of module names like `data`) is not put on
+        # -P: the script's folder (bench/, with module names like `data`) is not put on
         # sys.path, so nothing in it can shadow what torch imports.
         self.proc = subprocess.Popen(
             [sys.executable, "-P", str(WORKER), str(to_child_r), str(from_child_w), str(threads)],
