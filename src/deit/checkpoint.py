@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from deit.errors import InputError
 from deit.export import layout_mismatch
 
 
@@ -52,7 +53,7 @@ class Checkpoints:
         (`jax.ShapeDtypeStruct`s with shardings), and its metadata."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise ValueError(f"no checkpoint in {self.directory} to resume from")
+            raise InputError(f"no checkpoint in {self.directory} to resume from")
         self._check_layout(step, abstract_state)
         restored = self.manager.restore(
             step,
@@ -67,7 +68,7 @@ class Checkpoints:
         saved = _shapes(self.manager.item_metadata(step)["state"].tree)
         diff = layout_mismatch(saved, _shapes(abstract_state))
         if diff:
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint at step {step} in {self.directory} is of another model or "
                 f"config: {diff}; resume with the flags of the run that wrote it"
             )

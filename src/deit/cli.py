@@ -99,9 +99,9 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from deit import visualize
 
     if args.images and not args.checkpoint:
-        raise ValueError("image files need --checkpoint DIR: the model whose attention to draw")
+        raise InputError("image files need --checkpoint DIR: the model whose attention to draw")
     if not args.checkpoint and not args.run:
-        raise ValueError("nothing to draw; expected --checkpoint DIR IMAGE... and/or --run DIR")
+        raise InputError("nothing to draw; expected --checkpoint DIR IMAGE... and/or --run DIR")
     written = []
     if args.checkpoint:
         out = args.out or "visualize"

@@ -50,7 +50,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
+            raise InputError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size {self.batch_size}; expected a positive number")
+            raise InputError(f"batch_size {self.batch_size}; expected a positive number")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)}; expected 1 or more")
+                raise InputError(f"{name} {getattr(self, name)}; expected 1 or more")
 
     @property
     def epochs(self) -> int:

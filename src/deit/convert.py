@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from deit import export
+from deit.errors import InputError
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.torch_pickle import load_state_dict, save_torch
 from deit.variants import VARIANTS, get_spec, resolve_name
@@ -201,7 +202,7 @@ def _resamplable(array: np.ndarray | None, want: tuple, prefix: int, model: DeiT
 
 def _check_hf_heads(state_dict: dict[str, np.ndarray], model: DeiT) -> None:
     if "classifier.weight" in state_dict and (not model.distilled or model.with_dist_head):
-        raise ValueError(
+        raise InputError(
             "this is a Hugging Face DeiTForImageClassification checkpoint: a distillation token "
             "but one `classifier` head on the class token; build the model with distilled=True, "
             "with_dist_head=False (create_model(name, with_dist_head=False)) or drop the heads"
@@ -261,7 +262,7 @@ def from_torch(
         f"{_flax_to_timm(n)[0]} ({n} {s.shape})" for n, s in expected.items() if not skipped(n)
     ]
     if missing or unexpected or wrong:
-        raise ValueError(_diff(model, missing, unexpected, wrong))
+        raise InputError(_diff(model, missing, unexpected, wrong))
     if drop_heads:
         fresh = export.flatten(init_params(model, rng))
         flat.update({n: v for n, v in fresh.items() if n.startswith(_HEADS)})
@@ -274,7 +275,7 @@ def to_torch(params: dict[str, Any], model: DeiT) -> dict[str, np.ndarray]:
     `timm_model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)` accepts it.
     """
     if model.distilled and not model.with_dist_head and model.num_classes > 0:
-        raise ValueError("a distilled model without a distillation head has no timm equivalent")
+        raise InputError("a distilled model without a distillation head has no timm equivalent")
     if "params" in params and not any(k.startswith("blocks_") for k in params):
         params = params["params"]
     flat = export.flatten(dict(params))
@@ -287,7 +288,7 @@ def to_torch(params: dict[str, Any], model: DeiT) -> dict[str, np.ndarray]:
         if n in expected and v.shape != expected[n].shape
     ]
     if missing or unexpected or wrong:
-        raise ValueError(_diff(model, missing, unexpected, wrong).replace("checkpoint", "params"))
+        raise InputError(_diff(model, missing, unexpected, wrong).replace("checkpoint", "params"))
     out = {}
     for name, value in flat.items():
         key, kind = _flax_to_timm(name)
@@ -304,7 +305,7 @@ def _architecture(sd: dict[str, np.ndarray]) -> dict[str, Any]:
     """What a timm-layout state dict says about its model (heads are not recoverable)."""
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
     if any(k not in sd for k in need):
-        raise ValueError(f"not a DeiT state dict: it lacks {[k for k in need if k not in sd]}")
+        raise InputError(f"not a DeiT state dict: it lacks {[k for k in need if k not in sd]}")
     patch = sd["patch_embed.proj.weight"]
     prefix = 2 if "dist_token" in sd else 1
     side = math.isqrt(sd["pos_embed"].shape[1] - prefix)
@@ -328,7 +329,7 @@ def infer_variant(arch: dict[str, Any]) -> str:
     if len(exact) == 1 or len(fits) == 1:
         return (exact or fits)[0]
     described = ", ".join(f"{k}={arch[k]}" for k in (*keys, "img_size"))
-    raise ValueError(
+    raise InputError(
         f"cannot tell the variant of a checkpoint with {described}: "
         + (f"candidates {fits}" if fits else f"no registered variant fits ({', '.join(VARIANTS)})")
         + "; pass the model name"
@@ -355,11 +356,11 @@ def convert_checkpoint(
     if to == "timm":
         model, variables, _ = export.load_model(src)
         if not isinstance(model, DeiT):
-            raise ValueError(f"{src} holds a {type(model).__name__}, not a DeiT")
+            raise InputError(f"{src} holds a {type(model).__name__}, not a DeiT")
         target = Path(out_dir).absolute() / "model.safetensors"
         return save_torch(to_torch(variables["params"], model), target)
     if to != "flax":
-        raise ValueError(f"to={to!r}; expected 'flax' or 'timm'")
+        raise InputError(f"to={to!r}; expected 'flax' or 'timm'")
     state_dict = load_state_dict(src)
     timm_sd = hf_to_timm(state_dict) if detect_layout(state_dict) == "hf" else state_dict
     arch = _architecture(timm_sd)

@@ -22,6 +22,7 @@ from deit import data as data_lib
 from deit import parallel
 from deit.augment import normalize
 from deit.compiler import compiler_options
+from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
 from deit.model import forward
 from deit.teacher import Teacher, teacher_logits
@@ -211,7 +212,7 @@ def evaluate_checkpoint(
     _, val_src = data_lib.load_sources(cfg)
     classes = config.get("classes")
     if classes is not None and classes != val_src.classes:
-        raise ValueError(
+        raise InputError(
             f"the checkpoint was trained on classes {classes[:5]}... but {data} has "
             f"{val_src.classes[:5]}...; expected the same class folders"
         )

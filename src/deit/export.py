@@ -25,6 +25,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from deit.augment import normalize
+from deit.errors import InputError
 from deit.transforms import eval_transform
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
 
@@ -55,7 +56,7 @@ def build_model(config: dict[str, Any]) -> Any:
     kinds = {"DeiT": DeiT, "ResNet": ResNet}
     kind = config.get("kind")
     if kind not in kinds:
-        raise ValueError(
+        raise InputError(
             f"model kind {kind!r} in the checkpoint is unknown; expected {list(kinds)}"
         )
     fields = dict(config["fields"])
@@ -107,7 +108,7 @@ def exported_folder(path: str | os.PathLike) -> Path:
     for candidate in (path, path / "final", path / "best"):
         if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
             return candidate
-    raise ValueError(
+    raise InputError(
         f"{path} holds no exported model; expected a folder with {CONFIG} and {WEIGHTS} (a "
         "run's final/ or best/, or the output of deit convert)"
     )
@@ -117,7 +118,7 @@ def load_model(directory: str | os.PathLike) -> tuple[Any, dict, dict[str, Any]]
     """`(module, variables, config)` of an exported model folder."""
     folder = Path(directory)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise ValueError(
+        raise InputError(
             f"{folder} is not an exported model: expected {CONFIG} and {WEIGHTS} in it"
         )
     config = json.loads((folder / CONFIG).read_text())
@@ -154,7 +155,7 @@ def load_exported(folder: str | os.PathLike) -> tuple[Any, dict, dict[str, Any]]
     wanted = shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
     diff = layout_mismatch(shapes(variables), wanted)
     if diff:
-        raise ValueError(
+        raise InputError(
             f"the weights in {folder} do not fit its {CONFIG}: {diff}; expected a folder "
             "written by deit train or deit convert, unchanged"
         )
@@ -203,11 +204,11 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(map(float, self.std)))
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if self.img_size <= 0 or self.crop_pct <= 0:
-            raise ValueError(
+            raise InputError(
                 f"img_size {self.img_size}, crop_pct {self.crop_pct}; expected both > 0"
             )
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(
+            raise InputError(
                 f"mean {self.mean} and std {self.std}; expected one value per channel, std > 0"
             )
 

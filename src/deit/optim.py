@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deit.errors import InputError
+
 REFERENCE_BATCH = 512  # the lr is quoted for this global batch (official `linear_scaled_lr`)
 # timm's `no_weight_decay()` for DeiT; the official code decays `dist_token`, timm does not.
 NO_WEIGHT_DECAY = ("cls_token", "dist_token", "pos_embed")
@@ -59,24 +61,24 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.opt not in ("adamw", "sgd"):
-            raise ValueError(f"opt {self.opt!r}; expected 'adamw' or 'sgd'")
+            raise InputError(f"opt {self.opt!r}; expected 'adamw' or 'sgd'")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr {self.lr}; expected a positive learning rate or None")
+            raise InputError(f"lr {self.lr}; expected a positive learning rate or None")
         if not self.base_lr > 0:
-            raise ValueError(f"base_lr {self.base_lr}; expected a positive learning rate")
+            raise InputError(f"base_lr {self.base_lr}; expected a positive learning rate")
         for name in ("weight_decay", "warmup_lr", "min_lr", "warmup_epochs"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} {getattr(self, name)}; expected a value >= 0")
+                raise InputError(f"{name} {getattr(self, name)}; expected a value >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas {self.betas}; expected two values in [0, 1)")
+            raise InputError(f"betas {self.betas}; expected two values in [0, 1)")
         if not self.eps > 0:
-            raise ValueError(f"eps {self.eps}; expected a value > 0")
+            raise InputError(f"eps {self.eps}; expected a value > 0")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum {self.momentum}; expected a value in [0, 1)")
+            raise InputError(f"momentum {self.momentum}; expected a value in [0, 1)")
         if not (isinstance(self.epochs, int) and self.epochs > 0):
-            raise ValueError(f"epochs {self.epochs}; expected a positive integer")
+            raise InputError(f"epochs {self.epochs}; expected a positive integer")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm {self.clip_grad_norm}; expected a norm > 0 or None")
+            raise InputError(f"clip_grad_norm {self.clip_grad_norm}; expected a norm > 0 or None")
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,12 @@ class EmaConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.decay < 1:
-            raise ValueError(f"decay {self.decay}; expected a value in [0, 1)")
+            raise InputError(f"decay {self.decay}; expected a value in [0, 1)")
 
 
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} {value!r}; expected a positive integer")
+        raise InputError(f"{name} {value!r}; expected a positive integer")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:

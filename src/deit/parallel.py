@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit import data as data_lib
+from deit.errors import InputError
 
 AXIS = "data"
 
@@ -37,12 +38,12 @@ def initialize(
         process_id = int(os.environ["DEIT_PROCESS_ID"])
     if coordinator or num_processes or process_id is not None:
         if not (coordinator and num_processes and process_id is not None):
-            raise ValueError(
+            raise InputError(
                 f"coordinator {coordinator!r}, num_processes {num_processes}, process_id "
                 f"{process_id}: a multi-process run needs all three"
             )
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id {process_id} is outside [0, {num_processes})")
+            raise InputError(f"process_id {process_id} is outside [0, {num_processes})")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
@@ -66,12 +67,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if global_batch <= 0 or global_batch % n:
-        raise ValueError(
+        raise InputError(
             f"global batch {global_batch} does not divide by the {n} devices; expected a "
             f"multiple of {n}"
         )
     if global_batch % jax.process_count():
-        raise ValueError(
+        raise InputError(
             f"global batch {global_batch} does not divide by the {jax.process_count()} processes"
         )
 

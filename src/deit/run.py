@@ -14,6 +14,7 @@ import jax
 from deit import configs, export, parallel
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
+from deit.errors import InputError
 from deit.evaluate import make_teacher_eval_step, run_eval
 from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
@@ -47,7 +48,7 @@ def resolve_teacher(
     if cfg.teacher.path is not None:
         folder = Path(cfg.teacher.path)
         if not folder.is_dir():
-            raise ValueError(
+            raise InputError(
                 f"teacher.path {cfg.teacher.path!r} is not a folder; expected an exported model "
                 "folder or a run folder"
             )
@@ -55,7 +56,7 @@ def resolve_teacher(
         return teacher_from_export(final), final
     name = cfg.teacher.arch
     if name not in TEACHERS:
-        raise ValueError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
+        raise InputError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
     out = Path(cfg.output).absolute() / "teacher"
     final = out / "final"
     if not (final / export.CONFIG).is_file():
@@ -98,7 +99,7 @@ def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0
         if getattr(src, f) != getattr(dst, f)
     ]
     if differ:
-        raise ValueError(
+        raise InputError(
             f"cannot start from this checkpoint: the architecture differs ({', '.join(differ)}); "
             "only the image size and the class count may change"
         )
@@ -218,22 +219,20 @@ def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) 
     `checkpoint` is a `deit convert` output or a run (its `final/`). The network is the
     checkpoint's, at `cfg.data.img_size` with the data's class count (`adapt_params`); its
     normalisation (mean, std) is kept, since the weights were trained on it. Everything else
-    (optimiser, augmentation, `--distillation`/`--teacher`) comes from `cfg`.
+    (optimiser, augmentation, `loss.distillation`, `teacher`) comes from `cfg`.
     """
     folder = exported_folder(checkpoint)
     model, variables, config = load_exported(folder)
     if not isinstance(model, DeiT):
-        raise ValueError(f"{folder} holds a {type(model).__name__}; finetune needs a DeiT")
-    spec = VARIANTS.get(config.get("variant", ""))
-    mean = config.get("mean", spec.mean if spec else cfg.data.mean)
-    std = config.get("std", spec.std if spec else cfg.data.std)
+        raise InputError(f"{folder} holds a {type(model).__name__}; finetune needs a DeiT")
+    prep = export.Preprocessing.from_config(config, model)  # the weights' own normalisation
     cfg = dataclasses.replace(
         cfg,
         finetune=str(checkpoint),
         model=dataclasses.replace(
             cfg.model, name=_variant_at(config.get("variant"), cfg.data.img_size)
         ),
-        data=dataclasses.replace(cfg.data, mean=tuple(mean), std=tuple(std)),
+        data=dataclasses.replace(cfg.data, mean=prep.mean, std=prep.std),
     )
     pretrained = Pretrained(model, variables["params"], str(folder.absolute()))
     return train_and_evaluate(cfg, resume=resume, pretrained=pretrained)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from deit.errors import InputError
+
 BN_MOMENTUM = 0.9  # torch's momentum 0.1: running = 0.9 * running + 0.1 * batch
 BN_EPS = 1e-5
 # torchvision's ResNet init: Kaiming normal on fan-out for every conv.
@@ -127,11 +129,11 @@ class ResNet(nn.Module):
 
     def __post_init__(self) -> None:
         if self.block not in _BLOCKS:
-            raise ValueError(f"block {self.block!r}; expected one of {sorted(_BLOCKS)}")
+            raise InputError(f"block {self.block!r}; expected one of {sorted(_BLOCKS)}")
         if not self.stage_sizes or any(n <= 0 for n in self.stage_sizes):
-            raise ValueError(f"stage_sizes {tuple(self.stage_sizes)}; expected positive counts")
+            raise InputError(f"stage_sizes {tuple(self.stage_sizes)}; expected positive counts")
         if self.num_filters <= 0 or self.num_classes <= 0:
-            raise ValueError(
+            raise InputError(
                 f"num_filters {self.num_filters}, num_classes {self.num_classes}; expected > 0"
             )
         super().__post_init__()
@@ -139,7 +141,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         if images.ndim != 4:
-            raise ValueError(f"images have shape {tuple(images.shape)}; expected (B, H, W, C)")
+            raise InputError(f"images have shape {tuple(images.shape)}; expected (B, H, W, C)")
         conv = _conv_factory(self.dtype)
         norm = _norm_factory(self.dtype, train)
         x = images.astype(self.dtype)
@@ -188,10 +190,10 @@ def create_teacher(name: str, num_classes: int, **overrides: Any) -> ResNet:
     the compute `dtype`.
     """
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; expected one of {sorted(TEACHERS)}")
+        raise InputError(f"unknown teacher {name!r}; expected one of {sorted(TEACHERS)}")
     unknown = sorted(set(overrides) - _OVERRIDABLE)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown override(s) {unknown} for {name}; expected {sorted(_OVERRIDABLE)}"
         )
     kwargs = dataclasses.asdict(TEACHERS[name]) | overrides
@@ -235,7 +237,7 @@ class Teacher:
         object.__setattr__(self, "mean", tuple(map(float, self.mean)))
         object.__setattr__(self, "std", tuple(map(float, self.std)))
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(
+            raise InputError(
                 f"mean {self.mean} and std {self.std}; expected one value per channel, std > 0"
             )
 
@@ -270,7 +272,7 @@ def teacher_logits(teacher: Teacher, images_01: jax.Array) -> jax.Array:
     Nothing flows back: inputs and outputs are under `stop_gradient`.
     """
     if images_01.ndim != 4 or images_01.shape[-1] != len(teacher.mean):
-        raise ValueError(
+        raise InputError(
             f"images have shape {tuple(images_01.shape)}; "
             f"expected (B, H, W, {len(teacher.mean)}) in [0, 1]"
         )
@@ -289,7 +291,7 @@ def teacher_logits(teacher: Teacher, images_01: jax.Array) -> jax.Array:
 def check_teacher(teacher: Teacher, num_classes: int) -> None:
     """Raise ValueError when the teacher's class count differs from the student's."""
     if teacher.num_classes != num_classes:
-        raise ValueError(
+        raise InputError(
             f"teacher predicts {teacher.num_classes} classes but the student has {num_classes}; "
             "train or convert a teacher on the student's label set"
         )

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from deit.errors import InputError
+
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
 FORMATS = "a torch.save file (.pth, .pth.tar, .pt, .bin) or .safetensors"
 # Official checkpoints wrap the weights as {'model': ...}; training frameworks use the others.
@@ -90,7 +92,7 @@ class Storage:
         if self.parent is not None:
             return self.parent.flat()[self.start : self.start + self.numel]
         if self.data is None:
-            raise ValueError(
+            raise InputError(
                 f"storage {self.key!r} is referenced but its bytes are not in the file"
             )
         return self.data
@@ -111,7 +113,7 @@ class TensorRef:
         flat = self.storage.flat()
         size, stride, offset = self.size, self.stride, self.offset
         if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-            raise ValueError(
+            raise InputError(
                 f"tensor with size {size}, stride {stride}, offset {offset} is corrupt"
             )
         if 0 in size:
@@ -120,7 +122,7 @@ class TensorRef:
             # Bounds are checked before as_strided, which would otherwise read past the buffer.
             last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
             if last >= flat.size:
-                raise ValueError(
+                raise InputError(
                     f"tensor of size {size} at offset {offset} runs past its storage of "
                     f"{flat.size} elements; the file is corrupt"
                 )
@@ -149,7 +151,7 @@ class Namespace:
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
     if not isinstance(storage, Storage):
-        raise ValueError(f"tensor rebuilt from {type(storage).__name__}, expected a storage")
+        raise InputError(f"tensor rebuilt from {type(storage).__name__}, expected a storage")
     return TensorRef(
         storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
     )
@@ -203,7 +205,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType(STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPES:
             return StorageType(TORCH_DTYPES[name])
-        raise ValueError(
+        raise InputError(
             f"refusing to load {self._path}: it names {module}.{name}, which is not a tensor, "
             "storage or plain container; only state dicts of tensors are read, and nothing in "
             "the file is executed"
@@ -211,7 +213,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and pid and _text(pid[0]) == "storage"):
-            raise ValueError(f"{self._path}: unknown persistent id {str(pid)[:80]}")
+            raise InputError(f"{self._path}: unknown persistent id {str(pid)[:80]}")
         return self._storage_for(pid[1:])
 
 
@@ -222,7 +224,7 @@ def _text(value: Any) -> str:
 
 def _storage_kind(kind: Any) -> StorageType:
     if not isinstance(kind, StorageType):
-        raise ValueError(f"storage of type {kind!r}; expected a torch *Storage class")
+        raise InputError(f"storage of type {kind!r}; expected a torch *Storage class")
     return kind
 
 
@@ -242,7 +244,7 @@ def _load_zip(path: Path) -> Any:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
         pickles = [n for n in pickles if n.count("/") == 1] or pickles
         if len(pickles) != 1:
-            raise ValueError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
+            raise InputError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
         names = set(archive.namelist())
         byteorder = "little"
@@ -258,10 +260,10 @@ def _load_zip(path: Path) -> Any:
                 dtype = storage.kind.raw_dtype(byteorder)
                 entry = f"{prefix}data/{key}"
                 if entry not in names:
-                    raise ValueError(f"{path}: storage {key!r} is missing from the archive")
+                    raise InputError(f"{path}: storage {key!r} is missing from the archive")
                 raw = archive.read(entry)
                 if len(raw) < storage.numel * dtype.itemsize:
-                    raise ValueError(f"{path}: storage {key!r} is truncated")
+                    raise InputError(f"{path}: storage {key!r} is truncated")
                 storage.data = np.frombuffer(raw, dtype, count=storage.numel)
                 storages[key] = storage
             return storages[key]
@@ -288,9 +290,9 @@ def _load_legacy(path: Path) -> Any:
     with path.open("rb") as f:
         load = lambda: RestrictedUnpickler(f, path, storage_for).load()
         if load() != LEGACY_MAGIC:
-            raise ValueError("not a torch.save file (magic number differs)")
+            raise InputError("not a torch.save file (magic number differs)")
         if (version := load()) != LEGACY_PROTOCOL:
-            raise ValueError(f"legacy torch format version {version}, expected {LEGACY_PROTOCOL}")
+            raise InputError(f"legacy torch format version {version}, expected {LEGACY_PROTOCOL}")
         info = load()
         byteorder = (
             "little" if not isinstance(info, dict) or info.get("little_endian", 1) else "big"
@@ -300,12 +302,12 @@ def _load_legacy(path: Path) -> Any:
         for key in keys:
             storage = storages.get(_text(key))
             if storage is None:
-                raise ValueError(f"storage {key!r} is listed but never referenced")
+                raise InputError(f"storage {key!r} is listed but never referenced")
             dtype = storage.kind.raw_dtype(byteorder)
             (numel,) = struct.unpack("<q" if byteorder == "little" else ">q", f.read(8))
             raw = f.read(numel * dtype.itemsize)
             if numel < storage.numel or len(raw) < numel * dtype.itemsize:
-                raise ValueError(f"storage {key!r} is truncated")
+                raise InputError(f"storage {key!r} is truncated")
             storage.data = np.frombuffer(raw, dtype, count=numel)
     return _materialize(obj)
 
@@ -319,7 +321,7 @@ def load_torch_file(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"cannot read {path}: no such file")
+        raise InputError(f"cannot read {path}: no such file")
     try:
         if zipfile.is_zipfile(path):
             return _load_zip(path)
@@ -327,7 +329,7 @@ def load_torch_file(path: str | Path) -> Any:
     except ValueError as err:
         if str(err).startswith("refusing to load"):
             raise
-        raise ValueError(f"cannot read {path} as a torch.save file: {err}") from err
+        raise InputError(f"cannot read {path} as a torch.save file: {err}") from err
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -339,7 +341,7 @@ def load_torch_file(path: str | Path) -> Any:
         IndexError,
         KeyError,
     ) as err:
-        raise ValueError(f"cannot read {path} as a torch.save file: {err!r}") from err
+        raise InputError(f"cannot read {path} as a torch.save file: {err!r}") from err
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -368,15 +370,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     name = path.name.lower()
     if name.endswith(".safetensors"):
         if not path.is_file():
-            raise ValueError(f"cannot read {path}: no such file; expected {FORMATS}")
+            raise InputError(f"cannot read {path}: no such file; expected {FORMATS}")
         try:
             obj: Any = _load_safetensors(path)
         except Exception as err:
-            raise ValueError(f"cannot read {path} as .safetensors: {err}") from err
+            raise InputError(f"cannot read {path} as .safetensors: {err}") from err
     elif name.endswith(TORCH_SUFFIXES):
         obj = load_torch_file(path)
     else:
-        raise ValueError(f"cannot read {path}: unknown extension; expected {FORMATS}")
+        raise InputError(f"cannot read {path}: unknown extension; expected {FORMATS}")
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
             if isinstance(obj.get(key), dict):
@@ -387,7 +389,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
     if not tensors:
         found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"no tensors in {path} (found {found}); expected a state dict")
+        raise InputError(f"no tensors in {path} (found {found}); expected a state dict")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
@@ -397,7 +399,7 @@ def save_torch(state_dict: dict[str, np.ndarray], path: str | os.PathLike) -> Pa
     """Write a timm-layout state dict as `.safetensors` (timm and torch read it; no pickle)."""
     path = Path(path)
     if not path.name.endswith(".safetensors"):
-        raise ValueError(f"cannot write {path}: only .safetensors is written (no pickles)")
+        raise InputError(f"cannot write {path}: only .safetensors is written (no pickles)")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
     save_file(arrays, str(path), metadata={"format": "pt"})

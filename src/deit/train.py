@@ -33,6 +33,7 @@ from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, ra
 from deit.checkpoint import Checkpoints, abstract_like
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
+from deit.errors import InputError
 from deit.evaluate import evaluate_state, make_eval_step, weight_sets
 from deit.losses import LossConfig, deit_loss
 from deit.model import forward
@@ -246,7 +247,7 @@ def fit(
             multihost_utils.process_allgather(np.array([len(train_src), len(val_src)]))
         )
         if (sizes != sizes[0]).any():
-            raise ValueError(
+            raise InputError(
                 f"the processes see different data: (train, val) sizes {sizes.tolist()}; expected "
                 "the same folder, unchanged, on every host"
             )
@@ -254,13 +255,13 @@ def fit(
     parallel.check_batch(global_batch, mesh)
     spe = len(train_src) // global_batch
     if spe == 0:
-        raise ValueError(
+        raise InputError(
             f"the training set has {len(train_src)} images, fewer than the batch {global_batch}"
         )
     total = cfg.epochs * spe
     tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
     if teacher is None and cfg.loss.distillation != "none":
-        raise ValueError(f"distillation {cfg.loss.distillation!r} needs a teacher; none was given")
+        raise InputError(f"distillation {cfg.loss.distillation!r} needs a teacher; none was given")
     step_cfg = StepConfig(
         num_classes=len(train_src.classes),
         mean=cfg.data.mean,
@@ -274,7 +275,7 @@ def fit(
     latest = ckpts.latest_step()
     if latest is not None and not resume:
         ckpts.close()
-        raise ValueError(
+        raise InputError(
             f"{out} already holds a run (checkpoint at step {latest}); resume it or choose "
             "another output folder"
         )
@@ -305,7 +306,7 @@ def fit(
             best = saved.get("best", best)
             classes = saved.get("classes")
             if classes is not None and classes != list(train_src.classes):
-                raise ValueError(
+                raise InputError(
                     f"the checkpoint in {ckpts.directory} was trained on {len(classes)} classes "
                     f"{classes[:3]}... but the data has {len(train_src.classes)} "
                     f"{list(train_src.classes)[:3]}...; expected the same class list"

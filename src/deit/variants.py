@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from deit.errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,7 +82,7 @@ def resolve_name(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in VARIANTS:
         known = ", ".join([*VARIANTS, *ALIASES])
-        raise ValueError(f"unknown model {name!r}; expected one of: {known}")
+        raise InputError(f"unknown model {name!r}; expected one of: {known}")
     return name
 
 

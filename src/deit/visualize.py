@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
 from deit.layers import LN_EPS
 from deit.model import DeiT, forward_with_attention
@@ -54,7 +55,7 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     """`RUN/curves.png`: training loss, learning rate, and val top-1 of each head (and EMA)."""
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
-        raise ValueError(f"{run} has no metrics.jsonl; expected the output folder of deit train")
+        raise InputError(f"{run} has no metrics.jsonl; expected the output folder of deit train")
     train, evals = read_metrics(run)
     fig = _figure(figsize=(15, 4))
     axes = fig.subplots(1, 3)
@@ -101,7 +102,7 @@ def plot_results(run: str | Path, out: str | Path | None = None) -> Path:
     """`RUN/results.png`: the per-head top-1 / top-5 table of `RUN/results.json`."""
     run = Path(run)
     if not (run / "results.json").is_file():
-        raise ValueError(f"{run} has no results.json; expected a finished deit train run")
+        raise InputError(f"{run} has no results.json; expected a finished deit train run")
     summary = json.loads((run / "results.json").read_text())
     rows = results_rows(summary)
     cells = [[f"{m['top1']:.2f}", f"{m['top5']:.2f}"] for _, m in rows]
@@ -150,7 +151,7 @@ def attention_rollout(attn: Sequence[jax.Array | np.ndarray]) -> np.ndarray:
         a = a / a.sum(axis=-1, keepdims=True)
         result = a if result is None else a @ result
     if result is None:
-        raise ValueError("attention rollout needs at least one layer; got none")
+        raise InputError("attention rollout needs at least one layer; got none")
     return result.astype(np.float32)
 
 
@@ -189,7 +190,7 @@ def token_similarity(params: dict, tokens: Sequence[jax.Array | np.ndarray]) -> 
     "heads": mean over classes of cos(cls_head, dist_head) weight columns, or None}`.
     """
     if "dist_token" not in params:
-        raise ValueError("token similarity needs a distilled model (a dist_token); this has none")
+        raise InputError("token similarity needs a distilled model (a dist_token); this has none")
     layers = [float(_cosine(t[:, 0], t[:, 1]).mean()) for t in map(np.asarray, tokens)]
     # The final LayerNorm applied by hand, so the last point is what the heads see.
     x = np.asarray(tokens[-1], np.float64)[:, :2]
@@ -296,10 +297,10 @@ def visualize_checkpoint(
     `attention.png` with a row per image if `together`) and, for a distilled model,
     `token_similarity.png` and `.json` (averaged over the images), into `out`."""
     if not images:
-        raise ValueError("no image files given; expected at least one image with the checkpoint")
+        raise InputError("no image files given; expected at least one image with the checkpoint")
     model, variables, config = load_exported(exported_folder(checkpoint))
     if not isinstance(model, DeiT):
-        raise ValueError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
+        raise InputError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
     prep = Preprocessing.from_config(config, model)
     batch = prep.crop([decode_image(p) for p in images])  # shown under the maps
     output, attn, tokens = forward_with_attention(model, variables, prep.normalize(batch))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from deit.errors import InputError
 from deit.transforms import RandAugment
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -73,28 +74,28 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.img_size <= 0:
-            raise ValueError(f"img_size {self.img_size}; expected a positive size")
+            raise InputError(f"img_size {self.img_size}; expected a positive size")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            raise ValueError(f"scale {self.scale}; expected 0 < min <= max <= 1")
+            raise InputError(f"scale {self.scale}; expected 0 < min <= max <= 1")
         if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ValueError(f"ratio {self.ratio}; expected 0 < min <= max")
+            raise InputError(f"ratio {self.ratio}; expected 0 < min <= max")
         if not 0 <= self.hflip <= 1:
-            raise ValueError(f"hflip {self.hflip} is outside [0, 1]")
+            raise InputError(f"hflip {self.hflip} is outside [0, 1]")
         if not self.crop_pct > 0:
-            raise ValueError(f"crop_pct {self.crop_pct}; expected a fraction > 0")
+            raise InputError(f"crop_pct {self.crop_pct}; expected a fraction > 0")
         if any(not s > 0 for s in self.std):
-            raise ValueError(f"std {self.std}; expected positive values")
+            raise InputError(f"std {self.std}; expected positive values")
         if self.repeats < 1:
-            raise ValueError(f"repeats {self.repeats}; expected 1 or more")
+            raise InputError(f"repeats {self.repeats}; expected 1 or more")
         if self.workers is not None:
             most = MAX_WORKERS_PER_CORE * usable_cores()
             if not 0 <= self.workers <= most:
-                raise ValueError(
+                raise InputError(
                     f"workers {self.workers}; expected 0 (decode in this process) to {most} "
                     f"({MAX_WORKERS_PER_CORE} per usable core), or leave it unset for one per core"
                 )
         if self.bad_images not in BAD_IMAGES:
-            raise ValueError(f"bad_images {self.bad_images!r}; expected 'error' or 'skip'")
+            raise InputError(f"bad_images {self.bad_images!r}; expected 'error' or 'skip'")
         if self.randaugment:
             RandAugment.from_string(self.randaugment)
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from deit.data.config import IMAGE_SUFFIXES, cache_home
+from deit.errors import InputError
 from deit.transforms import decode_image
 
 log = logging.getLogger("deit")
@@ -66,12 +67,12 @@ def _scan_class(folder: str) -> tuple[list[str], dict[str, list[int]]]:
 
 def class_folders(root: Path) -> list[str]:
     if not root.is_dir():
-        raise ValueError(
+        raise InputError(
             f"{root} is not a folder; expected PATH/train/<class>/ and PATH/val/<class>/"
         )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+        raise InputError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     return classes
 
 
@@ -153,7 +154,7 @@ def _scan(root: Path, classes: list[str]) -> dict[str, Any]:
     rel, labels, counts = [], [], []
     for label, (name, (files, walked)) in enumerate(zip(classes, scans, strict=True)):
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"class folder {root / name} holds no images; expected files ending in "
                 f"{', '.join(IMAGE_SUFFIXES)}"
             )
@@ -217,7 +218,7 @@ def index_folder(root: str | Path, classes: list[str] | None = None) -> FolderSo
         try:
             meta = _write_index(folder, meta)
         except OSError as err:
-            raise ValueError(
+            raise InputError(
                 f"cannot write the folder index in {folder} ({err.strerror}); expected a "
                 "writable cache folder: set DEIT_HOME to one"
             ) from err
@@ -234,7 +235,7 @@ def image_folder(root: str | Path) -> tuple[FolderSource, FolderSource]:
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
-        raise ValueError(
+        raise InputError(
             f"train and val class folders differ: only in train {only_train}, only in val "
             f"{only_val}; expected the same classes in both"
         )

@@ -32,6 +32,7 @@ import numpy as np
 from deit.data import index, shards
 from deit.data.config import DataConfig
 from deit.data.sources import BadImageError, RecordSource, digits
+from deit.errors import InputError
 from deit.transforms import RandAugment, eval_transform, train_transform
 
 log = logging.getLogger("deit")
@@ -77,7 +78,7 @@ def epoch_order(n: int, epoch: int, seed: int, global_batch: int, repeats: int) 
     order = np.repeat(rng.permutation(n), repeats)[:n]
     steps = n // global_batch
     if steps == 0:
-        raise ValueError(
+        raise InputError(
             f"the training set has {n} samples, fewer than the global batch {global_batch}; "
             f"expected a batch of at most {n}"
         )

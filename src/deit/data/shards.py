@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from deit.data.index import OPEN_LOCK, FolderSource, image_folder
+from deit.errors import InputError
 from deit.transforms import decode_image
 
 log = logging.getLogger("deit")
@@ -104,7 +105,7 @@ class ShardSource:
             return decode_image(self.record(index)[2])
         except ValueError as err:
             reason = str(err).split(": ", 1)[-1]
-            raise ValueError(f"cannot decode image {self.name(index)}: {reason}") from err
+            raise InputError(f"cannot decode image {self.name(index)}: {reason}") from err
 
     def summary(self) -> str:
         counts = np.bincount(self.labels, minlength=len(self.classes))
@@ -118,26 +119,26 @@ def open_shards(folder: str | Path) -> tuple[ShardSource, ShardSource]:
     """(train, val) of a shard set, after checking that every listed shard is there, whole."""
     folder = Path(folder).absolute()
     if not (folder / MANIFEST).is_file():
-        raise ValueError(
+        raise InputError(
             f"{folder} holds an unfinished pack (no {MANIFEST}); run the same deit data pack "
             "command again to finish it"
         )
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(
+        raise InputError(
             f"{folder / MANIFEST} is format {manifest.get('format')!r}; expected {FORMAT!r}"
         )
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             path = folder / shard["file"]
             if not path.is_file():
-                raise ValueError(
+                raise InputError(
                     f"shard {path} is missing; expected the {len(info['shards'])} {split} "
                     f"shards listed in {MANIFEST}"
                 )
             size = path.stat().st_size
             if size != shard["bytes"]:
-                raise ValueError(
+                raise InputError(
                     f"shard {path} is {size:,} bytes; expected {shard['bytes']:,} (truncated or "
                     "changed since it was packed): copy it again or pack again"
                 )
@@ -178,7 +179,7 @@ def pack(
     from deit.progress import RateColumn
 
     if records_per_shard < 1:
-        raise ValueError(f"records_per_shard {records_per_shard}; expected 1 or more")
+        raise InputError(f"records_per_shard {records_per_shard}; expected 1 or more")
     out = Path(out).absolute()
     train, val = image_folder(folder)
     marker = {
@@ -192,7 +193,7 @@ def pack(
         if (out / MARKER).is_file():
             previous = json.loads((out / MARKER).read_text())
         if previous != marker:
-            raise ValueError(
+            raise InputError(
                 f"{out} is not empty; expected a new or empty folder (or an unfinished pack of "
                 "the same, unchanged folder with the same settings, which is continued)"
             )

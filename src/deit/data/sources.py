@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deit.errors import InputError
 from deit.transforms import decode_image
 
 # The built-in set: scikit-learn's digits, 1,797 8x8 grey images of 10 classes, split once,
@@ -35,7 +36,7 @@ class RecordSource(Protocol):
     def name(self, index: int) -> str: ...
 
 
-class BadImageError(ValueError):
+class BadImageError(InputError):
     """An image that cannot be decoded was read while `bad_images` is "error"."""
 
 
@@ -86,11 +87,11 @@ def arrays(images: np.ndarray, labels: np.ndarray, classes: list[str] | None = N
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=-1)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(
+        raise InputError(
             f"images are {images.dtype}{tuple(images.shape)}; expected uint8 (N, H, W, 3)"
         )
     labels = np.asarray(labels, np.int32)
     if labels.shape != (len(images),):
-        raise ValueError(f"labels have shape {labels.shape}; expected ({len(images)},)")
+        raise InputError(f"labels have shape {labels.shape}; expected ({len(images)},)")
     classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
     return Source(list(images), labels, classes)
