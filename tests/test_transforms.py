@@ -171,7 +171,10 @@ def test_randaugment_deterministic_per_seed():
     b = ra(img, np.random.default_rng(7))
     np.testing.assert_array_equal(a, b)
     outs = [ra(img, np.random.default_rng(s)).tobytes() for s in range(8)]
-    assert len(set(outs)) > 1
+    # Each op is skipped with probability 1/2, so about 1 in 4 seeds returns the image itself;
+    # every other seed augments it its own way.
+    changed = [o for o in outs if o != img.tobytes()]
+    assert len(changed) >= 4 and len(set(changed)) == len(changed)
     assert a.shape == img.shape and a.dtype == np.uint8
 
 
@@ -207,7 +210,7 @@ def test_random_resized_crop_deterministic_per_seed():
     a = random_resized_crop(img, np.random.default_rng(3), 32)
     np.testing.assert_array_equal(a, random_resized_crop(img, np.random.default_rng(3), 32))
     outs = {random_resized_crop(img, np.random.default_rng(s), 32).tobytes() for s in range(8)}
-    assert len(outs) > 1
+    assert len(outs) == 8  # a different crop for every seed
 
 
 @pytest.mark.parametrize("scale", [(0.08, 1.0), (0.3, 0.5)])
