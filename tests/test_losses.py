@@ -1,7 +1,9 @@
-"""DeiT losses against values worked out by hand.
+"""DeiT losses against values worked out by hand, and against the live references on random
+inputs: timm's `SoftTargetCrossEntropy` / `LabelSmoothingCrossEntropy`, torch's
+`cross_entropy`, and the official DeiT `losses.py` `DistillationLoss` formulas written in torch.
 
-Most logits are `[0, ln 3]`, whose softmax is exactly `[1/4, 3/4]`, so every expected number
-below is a short closed form in `math.log`.
+Most hand-worked logits are `[0, ln 3]`, whose softmax is exactly `[1/4, 3/4]`, so every expected
+number there is a short closed form in `math.log`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from deit.losses import (
     LossConfig,
@@ -44,6 +49,9 @@ def test_soft_target_cross_entropy_is_float32_for_bfloat16_logits():
     targets = jnp.array([[0.5, 0.5], [1.0, 0.0]])
     loss = soft_target_cross_entropy(LOGITS.astype(jnp.bfloat16), targets)
     assert loss.dtype == jnp.float32
+    # the bfloat16 logits are widened before the log-softmax, not after
+    widened = LOGITS.astype(jnp.bfloat16).astype(jnp.float32)
+    assert float(loss) == float(soft_target_cross_entropy(widened, targets))
 
 
 def test_cross_entropy_with_label_smoothing_hand_value():
@@ -198,3 +206,118 @@ def test_bad_arguments_raise():
         soft_distillation(LOGITS, TEACHER, tau=1.0, reduction="sum")
     with pytest.raises(ValueError, match=r"label_smoothing 1\.0"):
         cross_entropy(LOGITS, jnp.array([0, 1]), label_smoothing=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live references on random inputs. The references run in float64, ours in float32.
+
+B, K = 8, 10
+
+
+def _random_logits(seed: int, scale: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=(B, K)) * scale).astype(np.float32)
+
+
+def _soft_targets(seed: int) -> np.ndarray:
+    # Mixup-like rows: positive, summing to one, not one-hot.
+    t = np.random.default_rng(seed).gamma(0.3, size=(B, K)).astype(np.float32)
+    return t / t.sum(-1, keepdims=True)
+
+
+def _t(x: np.ndarray, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=grad)
+
+
+def _official_deit_loss(cls, dist, targets, teacher, distillation, alpha, tau):
+    """DeiT `losses.py` `DistillationLoss.forward` with `SoftTargetCrossEntropy` as the base
+    criterion (the official choice under mixup), on a model returning (class, dist) logits."""
+    base = SoftTargetCrossEntropy()(cls, targets)
+    if distillation == "none":
+        return base, base, torch.zeros(())
+    if distillation == "soft":
+        kl = F.kl_div(
+            F.log_softmax(dist / tau, dim=1),
+            F.log_softmax(teacher / tau, dim=1),
+            reduction="sum",
+            log_target=True,
+        )
+        kd = kl * (tau * tau) / dist.numel()
+    else:
+        kd = F.cross_entropy(dist, teacher.argmax(dim=1))
+    return base * (1 - alpha) + kd * alpha, base, kd
+
+
+def test_soft_target_cross_entropy_equals_timm():
+    logits, targets = _random_logits(0), _soft_targets(1)
+    expected = SoftTargetCrossEntropy()(_t(logits), _t(targets)).item()
+    ours = soft_target_cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    assert float(ours) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_cross_entropy_equals_timm_and_torch(smoothing: float):
+    logits = _random_logits(2)
+    labels = np.random.default_rng(3).integers(0, K, B)
+    ours = float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing))
+    torch_ce = F.cross_entropy(_t(logits), torch.from_numpy(labels), label_smoothing=smoothing)
+    assert ours == pytest.approx(torch_ce.item(), rel=1e-6)
+    if smoothing > 0:  # timm's class asserts smoothing < 1 and > 0 is what it is for
+        timm_ce = LabelSmoothingCrossEntropy(smoothing)(_t(logits), torch.from_numpy(labels))
+        assert ours == pytest.approx(timm_ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("distillation", ["soft", "hard", "none"])
+@pytest.mark.parametrize(("alpha", "tau"), [(0.5, 1.0), (0.1, 3.0), (0.9, 0.5)])
+def test_deit_loss_equals_official_distillation_loss(distillation: str, alpha: float, tau: float):
+    """Loss, its two parts and the gradients into both heads, for a distilled model on random
+    logits and mixup-like targets. "none" on a model with a distillation head is compared
+    with the official head-less form; see the next test for the two-head case."""
+    cls, dist, teacher = _random_logits(4), _random_logits(5), _random_logits(6, scale=4.0)
+    targets = _soft_targets(7)
+
+    def ours_fn(c, d):
+        head = d if distillation != "none" else None
+        kw = {"distillation": distillation, "alpha": alpha, "tau": tau}
+        return deit_loss(c, head, jnp.asarray(targets), jnp.asarray(teacher), **kw)
+
+    (loss, aux), grads = jax.value_and_grad(ours_fn, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(cls), jnp.asarray(dist)
+    )
+    c_t, d_t = _t(cls, grad=True), _t(dist, grad=True)
+    ref, base, kd = _official_deit_loss(
+        c_t, d_t, _t(targets), _t(teacher), distillation, alpha, tau
+    )
+    ref.backward()
+    assert float(loss) == pytest.approx(ref.item(), rel=1e-6)
+    assert float(aux["base_loss"]) == pytest.approx(base.item(), rel=1e-6)
+    assert float(aux["kd_loss"]) == pytest.approx(kd.item(), rel=1e-6, abs=1e-9)
+    for ours_g, ref_g in zip(grads, (c_t.grad, d_t.grad), strict=True):
+        ref_g = np.zeros((B, K)) if ref_g is None else ref_g.numpy()
+        np.testing.assert_allclose(ours_g, ref_g, rtol=1e-5, atol=1e-8)
+
+
+def test_deit_loss_none_with_a_dist_head_averages_the_two_heads():
+    """Documented departure: without distillation the official code trains only the class
+    head; ours trains both heads on the targets, each at half weight."""
+    cls, dist, targets = _random_logits(8), _random_logits(9), _soft_targets(10)
+    loss, _ = deit_loss(jnp.asarray(cls), jnp.asarray(dist), jnp.asarray(targets))
+    ce = SoftTargetCrossEntropy()
+    expected = 0.5 * (ce(_t(cls), _t(targets)) + ce(_t(dist), _t(targets))).item()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_soft_distillation_batchmean_equals_kl_div_batchmean(tau: float):
+    """`reduction="batchmean"`: torch's `kl_div(..., reduction="batchmean")` times tau**2, the
+    summed KL over the batch size (K times the official numel form)."""
+    student, teacher = _random_logits(11), _random_logits(12)
+    expected = F.kl_div(
+        F.log_softmax(_t(student) / tau, dim=1),
+        F.log_softmax(_t(teacher) / tau, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (tau * tau)
+    ours = soft_distillation(jnp.asarray(student), jnp.asarray(teacher), tau, "batchmean")
+    assert float(ours) == pytest.approx(expected.item(), rel=1e-6)
+    numel = soft_distillation(jnp.asarray(student), jnp.asarray(teacher), tau, "numel")
+    assert float(ours) == pytest.approx(K * float(numel), rel=1e-6)

@@ -1,23 +1,19 @@
+"""The DeiT model: shapes, registry, heads and token order, remat, dtypes, pos-embed resampling,
+bad input, and its initialisation against a freshly built timm DeiT's."""
+
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import deit
 from deit.model import DeiT, resample_pos_embed
 from deit.variants import REFERENCE_NAMES
-
-# Reference parameter counts (timm `deit_*` models at 224; the 384 ones from the same layout).
-COUNTS = {
-    "deit_tiny_patch16_224": 5_717_416,
-    "deit_tiny_distilled_patch16_224": 5_910_800,
-    "deit_small_patch16_224": 22_050_664,
-    "deit_small_distilled_patch16_224": 22_436_432,
-    "deit_base_patch16_224": 86_567_656,
-    "deit_base_distilled_patch16_224": 87_338_192,
-    "deit_base_patch16_384": 86_859_496,
-    "deit_base_distilled_patch16_384": 87_630_032,
-}
 
 
 def shapes(model: DeiT) -> dict:
@@ -49,13 +45,20 @@ def test_spec_worked_example():
 
 
 @pytest.mark.parametrize("name", REFERENCE_NAMES)
-def test_reference_parameter_counts(name):
-    assert deit.param_count(shapes(deit.create_model(name))) == COUNTS[name]
+def test_reference_parameter_counts_are_timms(name):
+    """The same parameter count as timm's model of that name, and the same tensor sizes one by
+    one (built on torch's meta device: shapes only, nothing allocated or initialised)."""
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+    ref_sizes = sorted(p.numel() for p in ref.parameters())
+    ours = shapes(deit.create_model(name))
+    assert deit.param_count(ours) == sum(ref_sizes)
+    assert sorted(math.prod(p.shape) for p in jax.tree_util.tree_leaves(ours)) == ref_sizes
 
 
 def test_registry_names_and_aliases():
     names = deit.list_models()
-    for name in COUNTS:
+    for name in REFERENCE_NAMES:
         assert name in names
     assert deit.create_model("tiny-distilled").embed_dim == 192
     with pytest.raises(ValueError, match="unknown model 'deit_huge'"):
@@ -64,11 +67,21 @@ def test_registry_names_and_aliases():
         deit.create_model("deit_test_patch4_32", colour="red")
 
 
-def test_flops_match_the_published_figure():
-    # DeiT-Ti forward: 1.26 GMACs = 2.52 GFLOP per image (timm's model table, the issue's figure).
-    assert deit.flops_per_image(
-        deit.create_model("deit_tiny_distilled_patch16_224")
-    ) == pytest.approx(2.52e9, rel=2e-3)
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "deit_base_patch16_384"])
+def test_flops_equal_torchs_count_of_timms_model(name):
+    """torch's `FlopCounterMode` over timm's forward (conv, matmuls and attention's two batched
+    matmuls, 2 FLOPs a multiply-add; run on the meta device, shapes only) counts what
+    `flops_per_image` does, exactly."""
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False).eval()
+        x = torch.empty(1, *ref.default_cfg["input_size"])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ref(x)
+    flops = deit.flops_per_image(deit.create_model(name))
+    assert flops == counter.get_total_flops()
+    if name == "deit_tiny_distilled_patch16_224":  # the published 1.26 GMACs (the issue's figure)
+        assert flops == pytest.approx(2.52e9, rel=2e-3)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +191,7 @@ def test_resample_pos_embed_keeps_prefix_tokens():
     # A constant grid stays constant under the (normalised) bicubic kernel.
     flat = jnp.concatenate([pe[:, :2], jnp.ones((1, 16, 8))], axis=1)
     np.testing.assert_allclose(resample_pos_embed(flat, (6, 6), 2)[:, 2:], 1.0, atol=1e-5)
-    assert resample_pos_embed(pe, (4, 4), 2) is not None
+    np.testing.assert_array_equal(resample_pos_embed(pe, (4, 4), 2), pe)  # same grid: unchanged
     with pytest.raises(ValueError, match="not square"):
         resample_pos_embed(pe[:, :-1], (6, 6), 2)
 
@@ -217,3 +230,137 @@ def test_bad_input_raises_value_error(tiny):
         deit.deit_forward(0, jnp.zeros((5, 4, 3)), 2, 8, 2, 16, 1, 4)
     with pytest.raises(ValueError, match="one \\(H, W, C\\) image"):
         deit.deit_forward(0, jnp.zeros((1, 4, 4, 3)), 2, 8, 2, 16, 1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation against timm's
+
+
+def _timm_families(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    sd = {k: v.detach().numpy().ravel() for k, v in model.state_dict().items()}
+
+    def cat(pred) -> np.ndarray:
+        return np.concatenate([v for k, v in sd.items() if pred(k)])
+
+    return {
+        "qkv kernel": cat(lambda k: k.endswith("attn.qkv.weight")),
+        "attn proj kernel": cat(lambda k: k.endswith("attn.proj.weight")),
+        "fc1 kernel": cat(lambda k: k.endswith("mlp.fc1.weight")),
+        "fc2 kernel": cat(lambda k: k.endswith("mlp.fc2.weight")),
+        "block linear biases": cat(
+            lambda k: k.startswith("blocks.") and k.endswith("bias") and ".norm" not in k
+        ),
+        "LayerNorm scales": cat(lambda k: "norm" in k and k.endswith("weight")),
+        "LayerNorm biases": cat(lambda k: "norm" in k and k.endswith("bias")),
+        "patch-embed kernel": sd["patch_embed.proj.weight"],
+        "patch-embed bias": sd["patch_embed.proj.bias"],
+        "pos_embed": sd["pos_embed"],
+        "cls_token": sd["cls_token"],
+        "dist_token": sd["dist_token"],
+        "cls head kernel": sd["head.weight"],
+        "cls head bias": sd["head.bias"],
+        "dist head kernel": sd["head_dist.weight"],
+        "dist head bias": sd["head_dist.bias"],
+    }
+
+
+def _our_families(params: dict) -> dict[str, np.ndarray]:
+    flat = {
+        "/".join(str(k.key) for k in path): np.asarray(v).ravel()
+        for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+    def cat(pred) -> np.ndarray:
+        return np.concatenate([v for k, v in flat.items() if pred(k)])
+
+    return {
+        "qkv kernel": cat(lambda k: k.endswith("attn/qkv/kernel")),
+        "attn proj kernel": cat(lambda k: k.endswith("attn/proj/kernel")),
+        "fc1 kernel": cat(lambda k: k.endswith("mlp/fc1/kernel")),
+        "fc2 kernel": cat(lambda k: k.endswith("mlp/fc2/kernel")),
+        "block linear biases": cat(
+            lambda k: k.startswith("blocks_") and k.endswith("bias") and "/norm" not in k
+        ),
+        "LayerNorm scales": cat(lambda k: "norm" in k and k.endswith("scale")),
+        "LayerNorm biases": cat(lambda k: "norm" in k and k.endswith("bias")),
+        "patch-embed kernel": flat["patch_embed/proj/kernel"],
+        "patch-embed bias": flat["patch_embed/proj/bias"],
+        "pos_embed": flat["pos_embed"],
+        "cls_token": flat["cls_token"],
+        "dist_token": flat["dist_token"],
+        "cls head kernel": flat["cls_head/kernel"],
+        "cls head bias": flat["cls_head/bias"],
+        "dist head kernel": flat["dist_head/kernel"],
+        "dist head bias": flat["dist_head/bias"],
+    }
+
+
+def _kurtosis(x: np.ndarray) -> float:
+    z = (x - x.mean()) / x.std()
+    return float(np.mean(z**4))
+
+
+def _assert_same_distribution(name: str, ours: np.ndarray, ref: np.ndarray) -> None:
+    """Both samples come from one zero-mean distribution, to 5 standard errors of the sample
+    sizes: mean, std, kurtosis (3 for a normal, 1.8 for a uniform, 2.4 for a normal cut at
+    ±2σ) and, for large samples, the extremes."""
+    n, m = ours.size, ref.size
+    sd = ref.std()
+    assert abs(ours.mean() - ref.mean()) <= 5 * sd * math.sqrt(1 / n + 1 / m), name
+    # the standard error of a normal sample's std is std / sqrt(2n); a uniform's is smaller
+    assert abs(ours.std() / sd - 1) <= 5 * math.sqrt(1 / (2 * n) + 1 / (2 * m)), name
+    assert abs(_kurtosis(ours) - _kurtosis(ref)) <= 5 * math.sqrt(24 / n + 24 / m), name
+    if min(n, m) >= 1000:
+        # The largest of n draws: at a uniform's bound, or ~sqrt(2 ln n) sigmas out for a
+        # normal, whose spread is a fraction of a sigma; 25% covers both and catches a cut.
+        for ours_x, ref_x in ((ours.max(), ref.max()), (-ours.min(), -ref.min())):
+            assert abs(ours_x / ref_x - 1) <= 0.25, (name, ours_x, ref_x)
+
+
+def test_init_matches_timm_deit_family_by_family():
+    """A two-block DeiT-Ti (64 px: 16 patches) against timm's `deit_tiny_distilled_patch16_224`
+    built the same way (pretrained=False), parameter family by family. timm's init for DeiT:
+    Linear kernels (blocks and heads), pos_embed and dist_token `trunc_normal_(std=.02)`, which
+    cuts at ±2 absolute and so is N(0, 0.02²); cls_token N(0, 1e-6²); Linear biases 0;
+    LayerNorm 1 and 0; the patch-embed conv left at torch's default, kernel and bias
+    U(±1/√fan_in). No family differs on purpose."""
+    torch.manual_seed(0)
+    ref = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2
+    )
+    ref = _timm_families(ref)
+    model = deit.create_model("deit_tiny_distilled_patch16_224", img_size=64, depth=2)
+    ours = _our_families(deit.init_params(model, 0))
+    assert set(ours) == set(ref)
+    for name, ref_values in ref.items():
+        assert ours[name].size == ref_values.size, name
+        if ref_values.std() == 0:  # constant families: the same constant
+            np.testing.assert_array_equal(ours[name], ref_values[0], err_msg=name)
+        else:
+            _assert_same_distribution(name, ours[name], ref_values)
+    # And the absolute scales timm's code states, so both cannot drift together.
+    for name in ("qkv kernel", "fc2 kernel", "cls head kernel", "pos_embed"):
+        assert ours[name].std() == pytest.approx(0.02, rel=0.03), name
+    bound = 1 / math.sqrt(16 * 16 * 3)
+    assert np.abs(ours["patch-embed kernel"]).max() <= bound
+    assert ours["patch-embed kernel"].std() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+    assert ours["cls_token"].std() == pytest.approx(1e-6, rel=0.3)
+
+
+def test_patch_embed_init_follows_fan_in(tiny):
+    """The patch-embed bound comes from this model's fan-in (4 x 4 x 3 = 48 here), as torch's
+    default init of the same `Conv2d` has it."""
+    _, params = tiny
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 32, kernel_size=4, stride=4)
+    bound = 1 / math.sqrt(48)
+    for ours, ref in (
+        (params["patch_embed"]["proj"]["kernel"], conv.weight),
+        (params["patch_embed"]["proj"]["bias"], conv.bias),
+    ):
+        ours, ref = np.asarray(ours).ravel(), ref.detach().numpy().ravel()
+        assert ours.size == ref.size
+        assert np.abs(ours).max() <= bound and np.abs(ref).max() <= bound
+        _assert_same_distribution("patch embed", ours, ref)
+    kernel = np.asarray(params["patch_embed"]["proj"]["kernel"])
+    assert np.abs(kernel).max() >= 0.95 * bound  # uses the whole range, not a narrower one

@@ -95,8 +95,10 @@ def cutmix_box(
     """A cutmix box of area about `1 - lam` and the lambda corrected for clipping.
 
     timm's `rand_bbox`: sides `int(size * sqrt(1 - lam))`, a uniformly random centre, then
-    `centre -/+ side // 2` clipped to the image. Returns `((top, bottom, left, right), lam)`
-    with `lam = 1 - box_area / (H * W)`, the fraction of pixels that keep their image.
+    `[centre - side // 2, centre + (side + 1) // 2)` clipped to the image, so an odd side keeps
+    its length (the timm of the published runs ended at `centre + side // 2`, one pixel short).
+    Returns `((top, bottom, left, right), lam)` with `lam = 1 - box_area / (H * W)`, the
+    fraction of pixels that keep their image.
     """
     ratio = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(height * ratio).astype(jnp.int32)
@@ -104,8 +106,10 @@ def cutmix_box(
     key_y, key_x = jax.random.split(rng)
     cy = jax.random.randint(key_y, (), 0, height)
     cx = jax.random.randint(key_x, (), 0, width)
-    top, bottom = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
-    left, right = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+    top = jnp.clip(cy - cut_h // 2, 0, height)
+    bottom = jnp.clip(cy + (cut_h + 1) // 2, 0, height)
+    left = jnp.clip(cx - cut_w // 2, 0, width)
+    right = jnp.clip(cx + (cut_w + 1) // 2, 0, width)
     area = (bottom - top) * (right - left)
     return (top, bottom, left, right), 1.0 - area / (height * width)
 

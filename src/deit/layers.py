@@ -20,8 +20,19 @@ from flax import linen as nn
 
 LN_EPS = 1e-6
 
-# timm's `trunc_normal_(std=.02)` for every Linear; conv keeps a fan-in init as in big_vision.
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
+# timm's `trunc_normal_(std=.02)` for every Linear. Its cut is at ±2 absolute, i.e. ±100σ, so the
+# weights are in effect N(0, 0.02²); flax's `truncated_normal(0.02)` would cut at ±2σ (std 0.0176).
+# A plain normal rather than `truncated_normal(lower=-100, upper=100)`: jax draws the latter by
+# inverting the CDF over a range whose end is erf(±100/√2) = ±1, so ~1e-7 of the weights come
+# out as the bound itself, ±2.0; `normal` keeps its uniform draws off ±1.
+dense_init = nn.initializers.normal(stddev=0.02)
+
+
+def _symmetric_uniform(bound: float) -> Callable:
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def layer_norm(name: str, dtype: jnp.dtype) -> nn.LayerNorm:
@@ -64,7 +75,12 @@ def dense(features: int, name: str, dtype: jnp.dtype) -> nn.Dense:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping P×P patches projected to D: `(B, H, W, C)` -> `(B, H/P * W/P, D)`."""
+    """Non-overlapping P×P patches projected to D: `(B, H, W, C)` -> `(B, H/P * W/P, D)`.
+
+    Initialised as timm leaves DeiT's patch embedding: torch's default `Conv2d` init, kernel and
+    bias both U(±1/√fan_in) with `fan_in = P·P·C` (kaiming-uniform with a = √5), which timm's ViT
+    init does not override.
+    """
 
     patch_size: int
     embed_dim: int
@@ -73,6 +89,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
+        bound = (p * p * x.shape[-1]) ** -0.5
         x = nn.Conv(
             self.embed_dim,
             (p, p),
@@ -81,6 +98,8 @@ class PatchEmbed(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             conv_general_dilated=_f32_conv if _low_precision(self.dtype) else None,
+            kernel_init=_symmetric_uniform(bound),
+            bias_init=_symmetric_uniform(bound),
             name="proj",
         )(x)
         b, gh, gw, d = x.shape

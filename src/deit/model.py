@@ -19,7 +19,7 @@ from flax import linen as nn
 from flax import struct
 
 from deit.compiler import compiler_options
-from deit.layers import Block, PatchEmbed, dense, layer_norm
+from deit.layers import Block, PatchEmbed, dense, dense_init, layer_norm
 from deit.variants import get_spec, resolve_name
 
 
@@ -94,14 +94,12 @@ class DeiT(nn.Module):
             x.astype(self.dtype)
         )
         b, n, d = x.shape
+        # timm's DeiT init: cls_token N(0, 1e-6²); dist_token and pos_embed
+        # `trunc_normal_(std=.02)`, in effect N(0, 0.02²) (see `layers.dense_init`).
         prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))]
         if self.distilled:
-            prefix.append(
-                self.param("dist_token", nn.initializers.truncated_normal(0.02), (1, 1, d))
-            )
-        pos_embed = self.param(
-            "pos_embed", nn.initializers.truncated_normal(0.02), (1, n + len(prefix), d)
-        )
+            prefix.append(self.param("dist_token", dense_init, (1, 1, d)))
+        pos_embed = self.param("pos_embed", dense_init, (1, n + len(prefix), d))
         tokens = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
         x = jnp.concatenate([*tokens, x], axis=1) + pos_embed.astype(x.dtype)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)

@@ -338,7 +338,8 @@ class RandAugment:
         timm), `n` (ops, 2), `mstd` (noise std, 0; above 100 means uniform), `mmax` (clip, 10),
         `inc` (increasing ops, 0) and `p` (per-op probability, 0.5).
 
-        Unlike timm, `inc0` turns increasing ops off (timm reads any value as true).
+        `inc0` turns increasing ops off, as in timm 1.0 (the older timm of the published runs
+        read any `inc` value, 0 included, as true).
         """
         parts = config.split("-")
         if parts[0] != "rand":
