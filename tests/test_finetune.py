@@ -48,7 +48,7 @@ def test_finetune_recipes_follow_the_reference():
     small = configs.recipe("finetune")
     assert small.optim.opt == "sgd" and small.batch_size == 768
     assert small.optim.weight_decay == 1e-4 and small.epochs == 1000
-    assert small.erasing.prob == 0.0 and small.drop_path_rate == 0.0
+    assert small.erasing.prob == 0.0 and small.model.drop_path_rate == 0.0
     # The official linear scaling: 0.01 quoted, 0.015 at a batch of 768.
     assert scaled_lr(small.optim, small.batch_size) == pytest.approx(0.015)
     big = configs.recipe("finetune-384")

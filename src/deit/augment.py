@@ -16,6 +16,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from deit.errors import InputError
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
 ERASE_ATTEMPTS = 10  # timm's retry budget for a box that fits inside the image
@@ -43,7 +44,7 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) 
     timm's mixup convention: `off = smoothing / K`, `on = 1 - smoothing + off`.
     """
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing {smoothing} is outside [0, 1)")
+        raise InputError(f"smoothing {smoothing} is outside [0, 1)")
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (on - off) + off
@@ -70,12 +71,12 @@ class MixupConfig:
     def __post_init__(self) -> None:
         for name in ("mixup_alpha", "cutmix_alpha"):
             if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} {getattr(self, name)}; expected a value >= 0")
+                raise InputError(f"{name} {getattr(self, name)}; expected a value >= 0")
         for name in ("prob", "switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} {getattr(self, name)} is outside [0, 1]")
+                raise InputError(f"{name} {getattr(self, name)} is outside [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing {self.label_smoothing} is outside [0, 1)")
+            raise InputError(f"label_smoothing {self.label_smoothing} is outside [0, 1)")
 
     @property
     def enabled(self) -> bool:
@@ -216,17 +217,17 @@ class ErasingConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"erasing prob {self.prob} is outside [0, 1]")
+            raise InputError(f"erasing prob {self.prob} is outside [0, 1]")
         if not 0.0 < self.min_area <= self.max_area <= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"erasing area ({self.min_area}, {self.max_area}); expected 0 < min <= max <= 1"
             )
         if not self.min_aspect > 0.0 or not self.aspect_range[1] >= self.min_aspect:
-            raise ValueError(
+            raise InputError(
                 f"erasing aspect ({self.min_aspect}, {self.max_aspect}); expected 0 < min <= max"
             )
         if self.mode not in ERASING_MODES:
-            raise ValueError(
+            raise InputError(
                 f"erasing mode {self.mode!r}; expected one of {', '.join(ERASING_MODES)}"
             )
 

@@ -297,6 +297,8 @@ _SETTING = re.compile(
 
 def _user_message(err: BaseException) -> str:
     """The error in the CLI's terms: settings named by their flags."""
+    if getattr(err, "source", None):  # a config file's key: named as written in the file
+        return str(err)
     key = getattr(err, "key", None)  # a configs.ConfigError: the setting's dotted path
     if isinstance(key, str) and "." in key:
         return f"--{key.replace('_', '-')} {err.message}"

@@ -139,9 +139,8 @@ def _check_repeats(original: list[str], tokens: list[str]) -> None:
     for flag, as_typed in zip(flags, spelled, strict=False):
         key = _field_of(flag)
         if seen.setdefault(key, as_typed) != as_typed:
-            setting = key.replace("-", "_")
             raise ConfigError(
-                None, f"{as_typed} and {seen[key]} both set {setting}; expected one of them"
+                None, f"{as_typed} and {seen[key]} are the same setting; expected one of them"
             )
 
 
@@ -203,6 +202,10 @@ def parse(argv: list[str]) -> tuple[TrainConfig, TrainCommand]:
     `--help` prints the help and raises SystemExit(0)."""
     tokens = _canonical(argv)
     _check_repeats(argv, tokens)
+    if "--model.name" in tokens and _value(tokens, "--finetune"):
+        raise ConfigError(
+            None, "--model and --finetune: the fine-tuned network is the checkpoint's"
+        )
     file = _value(tokens, "--config")
     values = configs.read_values(file) if file else None
     name = _recipe_name(tokens, values)

@@ -30,9 +30,10 @@ VERSION = 1  # of the config.json layout
 class ConfigError(InputError):
     """A setting that does not fit the tree: `key` is its dotted path (None: the whole file)."""
 
-    def __init__(self, key: str | None, message: str) -> None:
-        self.key, self.message = key, message
-        super().__init__(f"{key} {message}" if key else message)
+    def __init__(self, key: str | None, message: str, source: str | None = None) -> None:
+        self.key, self.message, self.source = key, message, source
+        where = f" (in {source})" if source else ""
+        super().__init__((f"{key} {message}" if key else message) + where)
 
 
 @dataclass(frozen=True)
@@ -364,9 +365,8 @@ def read_values(path: str | Path) -> dict[str, Any]:
 
 def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """`from_dict` of a JSON or YAML file; errors name the file."""
+    values = read_values(path)
     try:
-        return from_dict(read_values(path), base)
+        return from_dict(values, base)
     except ConfigError as err:
-        if str(path) in err.message:
-            raise
-        raise ConfigError(err.key, f"{err.message} (in {path})") from None
+        raise ConfigError(err.key, err.message, source=str(path)) from None

@@ -16,18 +16,20 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from deit.errors import InputError
+
 DISTILLATION_KINDS = ("none", "soft", "hard")
 SOFT_REDUCTIONS = ("numel", "batchmean")
 
 
 def _check_tau(tau: float) -> None:
     if not tau > 0:
-        raise ValueError(f"tau {tau}; expected a positive temperature")
+        raise InputError(f"tau {tau}; expected a positive temperature")
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in SOFT_REDUCTIONS:
-        raise ValueError(f"soft reduction {reduction!r}; expected 'numel' or 'batchmean'")
+        raise InputError(f"soft reduction {reduction!r}; expected 'numel' or 'batchmean'")
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,12 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.distillation not in DISTILLATION_KINDS:
-            raise ValueError(
+            raise InputError(
                 f"distillation {self.distillation!r}; expected one of "
                 f"{', '.join(DISTILLATION_KINDS)}"
             )
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha {self.alpha} is outside [0, 1]")
+            raise InputError(f"alpha {self.alpha} is outside [0, 1]")
         _check_tau(self.tau)
         _check_reduction(self.soft_reduction)
 
@@ -76,7 +78,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     the batch. With `eps = 0` this is the plain cross-entropy.
     """
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing {label_smoothing} is outside [0, 1)")
+        raise InputError(f"label_smoothing {label_smoothing} is outside [0, 1)")
     logp = _log_softmax(logits)
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     uniform = -jnp.mean(logp, axis=-1)
@@ -147,9 +149,9 @@ def deit_loss(
     if config is None:
         config = LossConfig(distillation, alpha, tau, soft_reduction)
     elif not defaults:
-        raise ValueError("deit_loss got both config and loss settings; expected one of them")
+        raise InputError("deit_loss got both config and loss settings; expected one of them")
     if targets.shape != cls_logits.shape:
-        raise ValueError(
+        raise InputError(
             f"targets shape {targets.shape}; expected soft targets shaped like the logits "
             f"{cls_logits.shape}"
         )
@@ -162,7 +164,7 @@ def deit_loss(
         return base, {"loss": base, "base_loss": base, "kd_loss": zero}
 
     if teacher_logits is None:
-        raise ValueError(
+        raise InputError(
             f"distillation {config.distillation!r} needs teacher_logits; expected an array"
         )
     teacher_logits = jax.lax.stop_gradient(teacher_logits)

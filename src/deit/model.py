@@ -19,6 +19,7 @@ from flax import linen as nn
 from flax import struct
 
 from deit.compiler import compiler_options
+from deit.errors import InputError
 from deit.layers import Block, PatchEmbed, dense, dense_init, layer_norm
 from deit.variants import get_spec, resolve_name
 
@@ -135,17 +136,17 @@ class DeiT(nn.Module):
 
     def _check_input(self, images: jax.Array) -> bool:
         if images.ndim not in (3, 4):
-            raise ValueError(
+            raise InputError(
                 f"images have shape {tuple(images.shape)}; expected (B, H, W, C) or (H, W, C)"
             )
         h, w, c = images.shape[-3:]
         if c != self.in_chans:
-            raise ValueError(
+            raise InputError(
                 f"images have {c} channels but the model expects {self.in_chans} (channels last)"
             )
         if (h, w) != _pair(self.img_size):
             eh, ew = _pair(self.img_size)
-            raise ValueError(
+            raise InputError(
                 f"image is {h}x{w} but the model was built for {eh}x{ew}; create it with "
                 f"img_size=({h}, {w}) (and resample_pos_embed for loaded weights)"
             )
@@ -157,21 +158,21 @@ def check_config(model: DeiT) -> None:
     h, w = _pair(model.img_size)
     p = model.patch_size
     if p <= 0 or h % p or w % p:
-        raise ValueError(
+        raise InputError(
             f"image side {h}x{w} is not divisible by patch_size {p}; expected multiples of {p}"
         )
     if model.num_heads <= 0 or model.embed_dim % model.num_heads:
-        raise ValueError(
+        raise InputError(
             f"d_model {model.embed_dim} is not divisible by num_heads {model.num_heads}"
         )
     if model.depth < 0 or model.mlp_dim <= 0 or model.num_classes < 0 or model.in_chans <= 0:
-        raise ValueError(
+        raise InputError(
             f"depth {model.depth}, mlp_dim {model.mlp_dim}, num_classes {model.num_classes}, "
             f"in_chans {model.in_chans}: expected non-negative depth/classes, positive others"
         )
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         if not 0.0 <= getattr(model, name) < 1.0:
-            raise ValueError(f"{name} {getattr(model, name)} is outside [0, 1)")
+            raise InputError(f"{name} {getattr(model, name)} is outside [0, 1)")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
@@ -185,7 +186,7 @@ def create_model(name: str, **overrides: Any) -> DeiT:
     spec = get_spec(name)
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown override(s) {unknown} for {resolve_name(name)}; expected {sorted(_FIELDS)}"
         )
     kwargs = dict(
@@ -287,10 +288,10 @@ def resample_pos_embed(
     if old_grid is None:
         side = round(n**0.5)
         if side * side != n:
-            raise ValueError(f"pos_embed has {n} patch positions; pass old_grid, it is not square")
+            raise InputError(f"pos_embed has {n} patch positions; pass old_grid, it is not square")
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != n:
-        raise ValueError(f"old_grid {old_grid} does not hold the {n} patch positions of pos_embed")
+        raise InputError(f"old_grid {old_grid} does not hold the {n} patch positions of pos_embed")
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     grid = grid.reshape(1, *old_grid, d).astype(jnp.float32)
@@ -314,9 +315,9 @@ def deit_forward(
     """
     image = jnp.asarray(image, jnp.float32)
     if image.ndim != 3:
-        raise ValueError(f"image has shape {tuple(image.shape)}; expected one (H, W, C) image")
+        raise InputError(f"image has shape {tuple(image.shape)}; expected one (H, W, C) image")
     if num_classes <= 0:
-        raise ValueError(f"num_classes {num_classes}; expected a positive class count")
+        raise InputError(f"num_classes {num_classes}; expected a positive class count")
     h, w, c = image.shape
     model = DeiT(
         num_classes=num_classes,

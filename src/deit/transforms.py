@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from deit.errors import InputError
+
 _RESAMPLE = {mode.name.lower(): mode for mode in Image.Resampling}
 # timm's magnitude scale: M in [0, 10] maps to the full range of each op's argument.
 _LEVEL_DENOM = 10.0
@@ -32,19 +34,19 @@ IMAGENET_FILL = (124, 116, 104)
 
 def _resample(name: str) -> Image.Resampling:
     if name not in _RESAMPLE:
-        raise ValueError(f"interpolation {name!r}; expected one of {sorted(_RESAMPLE)}")
+        raise InputError(f"interpolation {name!r}; expected one of {sorted(_RESAMPLE)}")
     return _RESAMPLE[name]
 
 
 def _check_image(img: np.ndarray) -> None:
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"image is {img.dtype}{tuple(img.shape)}; expected uint8 (H, W, 3)")
+        raise InputError(f"image is {img.dtype}{tuple(img.shape)}; expected uint8 (H, W, 3)")
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     h, w = (size, size) if np.ndim(size) == 0 else size
     if h <= 0 or w <= 0:
-        raise ValueError(f"size {size}; expected positive sizes")
+        raise InputError(f"size {size}; expected positive sizes")
     return int(h), int(w)
 
 
@@ -82,12 +84,12 @@ def decode_image(data: bytes | str | Path) -> np.ndarray:
             img.load()  # decoding is lazy: only load() notices a truncated file
             return _to_rgb(img)
     except Image.DecompressionBombError as e:
-        raise ValueError(
+        raise InputError(
             f"cannot decode image {name}: over the decompression-bomb limit of "
             f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({e})"
         ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
+        raise InputError(f"cannot decode image {name}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def random_resized_crop_box(
     with its aspect clamped into `ratio`.
     """
     if scale[0] > scale[1] or ratio[0] > ratio[1] or ratio[0] <= 0:
-        raise ValueError(f"scale {scale}, ratio {ratio}; expected (min, max) with ratio > 0")
+        raise InputError(f"scale {scale}, ratio {ratio}; expected (min, max) with ratio > 0")
     area = h * w
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -170,9 +172,9 @@ def eval_transform(
     """
     _check_image(img)
     if crop_pct <= 0:
-        raise ValueError(f"crop_pct {crop_pct}; expected > 0")
+        raise InputError(f"crop_pct {crop_pct}; expected > 0")
     if np.ndim(size) != 0 or int(size) <= 0:
-        raise ValueError(f"size {size!r}; expected a positive int")
+        raise InputError(f"size {size!r}; expected a positive int")
     size = int(size)
     short = math.floor(size / crop_pct)
     h, w = img.shape[:2]
@@ -313,12 +315,12 @@ class RandAugment:
 
     def __post_init__(self) -> None:
         if self.num_ops < 0 or not 0.0 <= self.prob <= 1.0 or self.magnitude_std < 0:
-            raise ValueError(
+            raise InputError(
                 f"num_ops {self.num_ops}, prob {self.prob}, magnitude_std {self.magnitude_std}; "
                 "expected num_ops >= 0, 0 <= prob <= 1 and magnitude_std >= 0"
             )
         if self.interpolation not in ("nearest", "bilinear", "bicubic"):
-            raise ValueError(
+            raise InputError(
                 f"interpolation {self.interpolation!r}; PIL's affine transforms support only "
                 "'nearest', 'bilinear' and 'bicubic'"
             )
@@ -343,20 +345,20 @@ class RandAugment:
         """
         parts = config.split("-")
         if parts[0] != "rand":
-            raise ValueError(f"RandAugment config {config!r}; expected it to start with 'rand'")
+            raise InputError(f"RandAugment config {config!r}; expected it to start with 'rand'")
         kw: dict = {"magnitude": _LEVEL_DENOM, "magnitude_std": 0.0, "increasing": False}
         names = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "mmax": "magnitude_max"}
         names |= {"inc": "increasing", "p": "prob"}
         for part in parts[1:]:
             match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?|inf)", part)
             if match is None or match.group(1) not in names:
-                raise ValueError(
+                raise InputError(
                     f"RandAugment config {config!r}: section {part!r} is not one of "
                     f"{', '.join(k + '<number>' for k in names)}"
                 )
             key, value = match.groups()
             if key in ("n", "inc") and not value.isdigit():
-                raise ValueError(f"RandAugment config {config!r}: {key} needs an integer")
+                raise InputError(f"RandAugment config {config!r}: {key} needs an integer")
             number = float(value)
             if key == "mstd" and number > 100:
                 number = math.inf
@@ -370,7 +372,7 @@ class RandAugment:
         `magnitude` in `[0, 10]` to uint8 `(H, W, 3)`; `rng` only draws the sign of signed ops."""
         _check_image(img)
         if name not in _OPS:
-            raise ValueError(f"unknown RandAugment op {name!r}; expected one of {sorted(_OPS)}")
+            raise InputError(f"unknown RandAugment op {name!r}; expected one of {sorted(_OPS)}")
         out = _OPS[name](Image.fromarray(img), magnitude / _LEVEL_DENOM, rng, self)
         return np.array(out, dtype=np.uint8)
 
