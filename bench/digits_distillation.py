@@ -7,24 +7,31 @@ DeiT student without distillation, with soft and with hard distillation, equal b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import tyro
+
 from deit import configs
+from deit.losses import LossConfig
 from deit.run import train_and_evaluate
 
 HERE = Path(__file__).parent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/table")
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class Study:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds: each trains one teacher and three students."""
+    out: str = "runs/table"
+    """Folder of the runs."""
+
+
+def main(args: Study) -> None:
     rows: dict[str, list[float]] = {"teacher (ResNet-8)": []}
     runs = []
     for seed in args.seeds:
@@ -32,7 +39,10 @@ def main() -> None:
         teacher_dir = None
         for kind in ("hard", "soft", "none"):
             out = Path(args.out) / f"seed{seed}_{kind}"
-            cfg = dataclasses.replace(base, distillation=kind, output=str(out), teacher=teacher_dir)
+            teacher = dataclasses.replace(base.teacher, path=teacher_dir)
+            cfg = dataclasses.replace(
+                base, loss=LossConfig(distillation=kind), output=str(out), teacher=teacher
+            )
             tick = time.perf_counter()
             summary = train_and_evaluate(cfg)
             seconds = time.perf_counter() - tick
@@ -62,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Study))

@@ -202,6 +202,7 @@ def train_case(
 ) -> Case:  # fmt: skip
     """One hard-distillation training step of `name` with a `teacher` ResNet at `batch`."""
     from deit.augment import ErasingConfig, MixupConfig
+    from deit.losses import LossConfig
     from deit.optim import OptimConfig, create_optimizer
     from deit.teacher import Teacher, create_teacher
     from deit.train import StepConfig, init_state, make_train_step
@@ -213,8 +214,10 @@ def train_case(
     image = jnp.zeros((1, s, s, 3), jnp.float32)
     t_vars = jax.jit(t_model.init)(jax.random.PRNGKey(seed + 1), image)
     t = Teacher.from_resnet(t_model, t_vars, IMAGENET_MEAN, IMAGENET_STD)
-    tx, schedule = create_optimizer(OptimConfig(ema_decay=None), batch, 1000)
-    cfg = StepConfig(k, IMAGENET_MEAN, IMAGENET_STD, MixupConfig(), ErasingConfig(), "hard")
+    tx, schedule = create_optimizer(OptimConfig(), batch, 1000)
+    cfg = StepConfig(
+        k, IMAGENET_MEAN, IMAGENET_STD, MixupConfig(), ErasingConfig(), LossConfig("hard")
+    )
     state = init_state(model, tx, cfg, seed, (s, s, 3))
     rng = np.random.default_rng(seed)
     data = {

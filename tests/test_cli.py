@@ -24,6 +24,13 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     assert "top1" in results["teacher"]
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "teacher" / "final" / "config.json").is_file()
+    # Each run records what it used: the teacher's settings name the teacher, not the student.
+    teacher_cfg = json.loads((out / "teacher" / "final" / "train_config.json").read_text())
+    assert teacher_cfg["model"]["name"] == "resnet8" and teacher_cfg["optim"]["epochs"] == 1
+    assert teacher_cfg["loss"]["distillation"] == "none"
+    run_cfg = json.loads((out / "config.json").read_text())
+    assert run_cfg["model"]["name"] == "deit_test_distilled_patch4_32"
+    assert run_cfg["optim"]["epochs"] == 1 and run_cfg["teacher"]["optim"]["epochs"] == 1
     assert any((out / "tb").iterdir())
 
     # The teacher in the output folder is reused, not trained again.

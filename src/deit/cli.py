@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         if debug:
             traceback.print_exc()
-        print(f"deit {command}: error: {err}", file=sys.stderr)
+        print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
         return 3
     except USER_ERRORS as err:
         if debug:
@@ -307,9 +307,13 @@ def _user_message(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     flag = lambda m: "--" + m[0].replace("_", "-")
     text = _SETTING.sub(flag, text)
-    return text.replace("resume it", "resume it (--resume)").replace(
-        "another output folder", "another --output"
-    )
+    for words, flags in (
+        ("resume it", "resume it (--resume)"),
+        ("resume the run", "resume the run (--resume)"),
+        ("another output folder", "another --output"),
+    ):
+        text = text.replace(words, flags)
+    return text
 
 
 if __name__ == "__main__":
