@@ -54,11 +54,21 @@ def test_matmul_flops_counts_the_model_formula(bench):
     assert conv == 2 * (4 * 6 * 6) * (3 * 3 * 3)
 
 
-def test_teacher_flops_positive(bench):
+def test_teacher_flops_scale_with_batch_and_pixels(bench):
     teacher = create_teacher("resnet8", 10)
-    x = jnp.zeros((1, 32, 32, 3))
-    variables = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), x)
-    assert bench.matmul_flops(lambda v, x: teacher.apply(v, x), variables, x) > 0
+
+    def flops(batch: int, size: int) -> int:
+        x = jnp.zeros((batch, size, size, 3))
+        variables = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), x)
+        return bench.matmul_flops(lambda v, x: teacher.apply(v, x), variables, x)
+
+    one = flops(1, 32)
+    # The stem alone: a 3x3 conv from 3 to 16 channels over 32x32 outputs.
+    assert one > 2 * 32 * 32 * 16 * 3 * 3 * 3
+    assert flops(3, 32) == 3 * one
+    # Convolutions scale with the pixels; the head (a pooled Dense) does not.
+    head = 2 * teacher.num_filters * 2 ** (len(teacher.stage_sizes) - 1) * 10
+    assert flops(1, 64) - head == pytest.approx(4 * (one - head), rel=1e-6)
 
 
 def test_config_rejects_bad_values(bench):

@@ -22,7 +22,9 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["val"]) == {"cls", "dist", "avg"}
     assert "top1" in results["teacher"]
-    assert (out / "curves.png").stat().st_size > 0
+    from test_visualize import assert_drawn
+
+    assert_drawn(out / "curves.png")
     assert (out / "teacher" / "final" / "config.json").is_file()
     # Each run records what it used: the teacher's settings name the teacher, not the student.
     teacher_cfg = json.loads((out / "teacher" / "final" / "train_config.json").read_text())

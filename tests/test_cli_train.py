@@ -195,3 +195,34 @@ def test_config_error_keeps_its_setting():
     with pytest.raises(ConfigError) as err:
         configs.from_dict({"optim": {"epochs": 0}})
     assert err.value.key == "optim.epochs"
+
+
+def _documented_fields(cls) -> set[str]:
+    """Fields of a dataclass followed by a docstring in its source (tyro's help text)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        a.target.id
+        for a, b in zip(body, body[1:], strict=False)
+        if isinstance(a, ast.AnnAssign)
+        and isinstance(b, ast.Expr)
+        and isinstance(getattr(b, "value", None), ast.Constant)
+    }
+
+
+def test_every_setting_has_a_help_text():
+    import typing
+
+    todo, missing = [configs.TrainConfig], []
+    while todo:
+        cls = todo.pop()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append(hints[f.name])  # a group: its class docstring heads the section
+            elif f.name not in _documented_fields(cls):
+                missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing

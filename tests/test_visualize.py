@@ -21,6 +21,14 @@ def tiny():
     return model, {"params": params}, x
 
 
+def assert_drawn(path) -> None:
+    """A PNG of a real figure: it decodes, is figure-sized, and is not one flat colour."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 200, (path, img.size)
+        pixels = np.asarray(img.convert("L"), np.float32)
+    assert pixels.std() > 5, f"{path} is blank"
+
+
 def test_capture_returns_attention_and_tokens_without_changing_outputs(tiny):
     model, variables, x = tiny
     plain = model.apply(variables, x)
@@ -124,14 +132,14 @@ def test_visualize_checkpoint_writes_pngs(tmp_path, capsys):
         == 0
     )
     for name in ("img0_attention.png", "img1_attention.png", "token_similarity.png"):
-        assert (out / name).stat().st_size > 0
+        assert_drawn(out / name)
     assert capsys.readouterr().out.count("wrote") == 3
     sim = json.loads((out / "token_similarity.json").read_text())
     assert len(sim["layers"]) == 2
     # --together: one figure, a row per image.
     args = ["visualize", "--checkpoint", str(tmp_path / "model"), "--together", *images]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
-    assert (tmp_path / "one" / "attention.png").stat().st_size > 0
+    assert_drawn(tmp_path / "one" / "attention.png")
     # A plain model: class-token maps only, no token-similarity plot.
     _export_tiny(tmp_path / "plain", "deit_test_patch4_32")
     plain_out = tmp_path / "plain_pics"
@@ -173,8 +181,8 @@ def test_visualize_run_writes_curves_and_table(tmp_path):
     summary = {"model": "m", "distillation": "hard", "val": val, "teacher": head}
     (run / "results.json").write_text(json.dumps(summary))
     assert cli.main(["visualize", "--run", str(run), "--out", str(tmp_path / "o")]) == 0
-    assert (tmp_path / "o" / "curves.png").stat().st_size > 0
-    assert (tmp_path / "o" / "results.png").stat().st_size > 0
+    assert_drawn(tmp_path / "o" / "curves.png")
+    assert_drawn(tmp_path / "o" / "results.png")
 
 
 @pytest.mark.parametrize(
