@@ -2,6 +2,7 @@
 `--print-config`, and each bad input as one line with exit 2."""
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -206,7 +207,7 @@ def _documented_fields(cls) -> set[str]:
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     return {
         a.target.id
-        for a, b in zip(body, body[1:], strict=False)
+        for a, b in itertools.pairwise(body)
         if isinstance(a, ast.AnnAssign)
         and isinstance(b, ast.Expr)
         and isinstance(getattr(b, "value", None), ast.Constant)
