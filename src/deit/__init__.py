@@ -23,6 +23,8 @@ _EXPORTS = {
     "VARIANTS": "deit.variants",
     "ModelSpec": "deit.variants",
     "get_spec": "deit.variants",
+    "load_pretrained": "deit.pretrained",
+    "PRETRAINED": "deit.pretrained",
 }
 _SUBMODULES = (
     "convert",
@@ -33,6 +35,7 @@ _SUBMODULES = (
     "run",
     "visualize",
     "parallel",
+    "pretrained",
     "teacher",
 )
 

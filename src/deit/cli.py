@@ -63,8 +63,11 @@ def cmd_train(argv: list[str]) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from deit.evaluate import evaluate_checkpoint
 
+    checkpoint = _checkpoint(args)
+    if checkpoint is None:
+        raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
     results = evaluate_checkpoint(
-        args.checkpoint, args.data, args.batch_size, args.workers, args.bad_images
+        checkpoint, args.data, args.batch_size, args.workers, args.bad_images
     )
     print(_table({"val": results}))
     if args.out:
@@ -74,7 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from deit.evaluate import predict
 
-    for path, top in zip(args.images, predict(args.checkpoint, args.images, args.top), strict=True):
+    checkpoint = _checkpoint(args)
+    if checkpoint is None:
+        raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
+    for path, top in zip(args.images, predict(checkpoint, args.images, args.top), strict=True):
         print(path)
         for name, p in top:
             print(f"  {p:7.2%}  {name}")
@@ -98,15 +104,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_visualize(args: argparse.Namespace) -> None:
     from deit import visualize
 
-    if args.images and not args.checkpoint:
+    checkpoint = _checkpoint(args)
+    if args.images and not checkpoint:
         raise InputError("image files need --checkpoint DIR: the model whose attention to draw")
-    if not args.checkpoint and not args.run:
+    if not checkpoint and not args.run:
         raise InputError("nothing to draw; expected --checkpoint DIR IMAGE... and/or --run DIR")
     written = []
-    if args.checkpoint:
+    if checkpoint:
         out = args.out or "visualize"
         written += visualize.visualize_checkpoint(
-            args.checkpoint, args.images, out, together=args.together
+            checkpoint, args.images, out, together=args.together
         )
     if args.run:
         written += visualize.visualize_run(args.run, args.out)
@@ -172,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `deit train ARGS` is parsed by `cli_train` (tyro over the config tree); listed for --help.
     sub.add_parser("train", help="train (and distil) a DeiT; no flags: the built-in data set")
     p = sub.add_parser("eval", help="per-head top-1/top-5 of an exported model")
-    p.add_argument("--checkpoint", required=True, help="run folder or exported model folder")
+    _model_args(p)
     p.add_argument("--data", default="digits", help="image folder (uses val/) or digits")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=None, help="default: one per usable core")
@@ -184,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p = sub.add_parser("predict", help="top-5 classes of image files")
-    p.add_argument("--checkpoint", required=True)
+    _model_args(p)
     p.add_argument("--top", type=int, default=5)
     p.add_argument("images", nargs="+")
     p = sub.add_parser("convert", help="timm/official/HF weights <-> a Flax model folder")
@@ -196,14 +203,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-heads", action="store_true", help="fresh heads (fine-tuning)")
     p.add_argument("--to", choices=("flax", "timm"), default="flax")
     p = sub.add_parser("visualize", help="CLS/DIST attention maps of images; a run's curves")
-    p.add_argument("--checkpoint", default=None, help="run folder or exported model folder")
+    _model_args(p)
     p.add_argument("--run", default=None, help="run folder: training curves and per-head table")
     p.add_argument("--out", default=None, help="output folder (default: ./visualize, or --run)")
     p.add_argument("--together", action="store_true", help="all images in one attention.png")
     p.add_argument("images", nargs="*", help="image files (with --checkpoint)")
     sub.add_parser("info", help="registered variants with parameter counts and FLOPs")
     _data_parser(sub)
+    p = sub.add_parser("cache", help="the downloaded and converted official weights")
+    cache = p.add_subparsers(dest="cache_command", required=True)
+    cache.add_parser("list", help="what the cache holds, with sizes")
+    c = cache.add_parser("clear", help="delete the cache's downloads and converted folders")
+    c.add_argument("name", nargs="?", default=None, help="only this model's (default: all)")
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="run folder, exported model folder, or a pretrained name (deit cache list)",
+    )
+    p.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="the official weights NAME (NAME@hf, NAME@timm: from the Hugging Face Hub), "
+        "downloaded and converted once; alone, those of --model",
+    )
+    p.add_argument("--model", default=None, help="with --pretrained: the variant name")
+
+
+def _checkpoint(args: argparse.Namespace) -> str | None:
+    """`--checkpoint`, `--pretrained NAME` or `--model NAME --pretrained`, as one path or name."""
+    named = args.pretrained or (args.model if args.pretrained == "" else None)
+    if args.pretrained == "" and not args.model:
+        raise InputError("--pretrained without a name needs --model NAME")
+    if args.model and args.pretrained is None:
+        raise InputError("--model names the weights only with --pretrained")
+    if named and args.checkpoint:
+        raise InputError("--checkpoint and --pretrained both name the model; expected one")
+    return named or args.checkpoint
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from deit import pretrained
+
+    if args.cache_command == "clear":
+        removed = pretrained.clear_cache(args.name)
+        for path in removed:
+            print(f"removed {path}")
+        print(f"{len(removed)} entr{'y' if len(removed) == 1 else 'ies'} removed")
+        return
+    entries = pretrained.cache_entries()
+    print(f"cache: {pretrained.cache_home()} (set DEIT_HOME to move it)")
+    for path, size in entries:
+        print(f"{size / 2**20:10.1f} MiB  {path.relative_to(pretrained.cache_home())}")
+    if not entries:
+        print("empty; deit eval/predict/visualize --pretrained NAME fills it:")
+    print("names: " + ", ".join(pretrained.PRETRAINED))
 
 
 COMMANDS = {
@@ -213,6 +273,7 @@ COMMANDS = {
     "visualize": cmd_visualize,
     "info": cmd_info,
     "data": cmd_data,
+    "cache": cmd_cache,
 }
 
 

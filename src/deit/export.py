@@ -102,8 +102,11 @@ def save_model(directory: str | os.PathLike, model: Any, variables: dict, **extr
 
 
 def exported_folder(path: str | os.PathLike) -> Path:
-    """The exported model in `path`: the folder itself, or a run folder's `final/` (or `best/`)."""
-    path = Path(path)
+    """The exported model in `path`: the folder itself, or a run folder's `final/` (or `best/`);
+    a name of the official weights (`deit.pretrained.PRETRAINED`) is downloaded and converted."""
+    from deit import pretrained  # a name of the official weights: their converted folder
+
+    path = pretrained.resolve(path)
     # A run folder has a config.json too (its settings): an exported model also has weights.
     for candidate in (path, path / "final", path / "best"):
         if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():

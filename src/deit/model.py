@@ -178,11 +178,17 @@ def check_config(model: DeiT) -> None:
 _FIELDS = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
 
 
-def create_model(name: str, **overrides: Any) -> DeiT:
+def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> Any:
     """A registered variant (`deit_tiny_distilled_patch16_224`, ..., or an alias) as a `DeiT`.
 
     Overrides are `DeiT` fields: `num_classes`, `img_size`, `drop_path_rate`, `dtype`, ...
+    With `pretrained=True` (the eight official checkpoints, `deit.pretrained.PRETRAINED`) the
+    result is the pair `(model, variables)`, as timm's `create_model(name, pretrained=True)`: the
+    weights are downloaded and converted once (see `deit.pretrained`), the position embedding is
+    resampled to another `img_size` and the heads start fresh for another `num_classes`.
     """
+    if pretrained:
+        return _pretrained_model(name, overrides)
     spec = get_spec(name)
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
@@ -202,6 +208,20 @@ def create_model(name: str, **overrides: Any) -> DeiT:
     )
     kwargs.update(overrides)
     return DeiT(**kwargs)
+
+
+def _pretrained_model(name: str, overrides: dict[str, Any]) -> tuple[DeiT, dict]:
+    from deit.pretrained import load_pretrained
+    from deit.run import adapt_params
+
+    model, variables = load_pretrained(resolve_name(name))
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise InputError(f"unknown override(s) {unknown} for {name}; expected {sorted(_FIELDS)}")
+    if not overrides:
+        return model, variables
+    target = model.clone(**overrides)
+    return target, {"params": adapt_params(variables["params"], model, target)}
 
 
 def init_params(model: DeiT, seed: int | jax.Array = 0) -> dict:

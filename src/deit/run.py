@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from deit import configs, export, parallel
+from deit import configs, export, parallel, pretrained
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
@@ -46,13 +46,13 @@ def resolve_teacher(
     """`cfg.teacher.path` (an exported folder or a run), or `cfg.teacher.arch` trained into
     `OUTPUT/teacher` first (reused when that folder already holds a finished teacher)."""
     if cfg.teacher.path is not None:
-        folder = Path(cfg.teacher.path)
-        if not folder.is_dir():
+        path = cfg.teacher.path
+        if not Path(path).is_dir() and path.partition("@")[0] not in pretrained.PRETRAINED:
             raise InputError(
-                f"teacher.path {cfg.teacher.path!r} is not a folder; expected an exported model "
-                "folder or a run folder"
+                f"teacher.path {path!r} is not a folder; expected an exported model folder, a "
+                "run folder or a pretrained name"
             )
-        final = folder / "final" if (folder / "final").is_dir() else folder
+        final = exported_folder(path)
         return teacher_from_export(final), final
     name = cfg.teacher.arch
     if name not in TEACHERS:

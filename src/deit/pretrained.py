@@ -1,0 +1,315 @@
+"""The official DeiT weights by name: where they come from, the cache, and the converted folders.
+
+Eight checkpoints under timm's names, from three places: the official download URLs (`official`,
+facebookresearch/deit; the file name's hash prefix is checked against the file's SHA-256, as
+`torch.hub` does), or the Hugging Face Hub in its two layouts (`hf`: `facebook/deit-*`, the
+transformers layout; `timm`: `timm/deit_*.fb_in1k`). The Hub is reached through `huggingface_hub`,
+so `HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT` apply and its files stay in its own cache.
+
+Everything else lives in one folder, `$DEIT_HOME` (else `~/.cache/deit`):
+
+    downloads/<file>             official checkpoints, written as `.part` and renamed once checked
+    pretrained/<name>/<source>/  the converted exported folder (config.json + params.safetensors,
+                                 with the registry's preprocessing): a second load reads only this
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from deit.data.config import cache_home
+from deit.errors import InputError
+
+log = logging.getLogger("deit")
+
+Source = Literal["official", "hf", "timm"]
+SOURCES: tuple[str, ...] = ("official", "hf", "timm")
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/deit/"
+CHUNK = 1 << 20
+TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One official checkpoint: its file, Hub repositories and the official README's ImageNet-1k
+    val accuracy (top-1 / top-5 %, at the registry's eval crop: 0.875 at 224, 1.0 at 384)."""
+
+    name: str
+    file: str
+    top1: float
+    top5: float
+    url_base: str = OFFICIAL_URL
+
+    @property
+    def url(self) -> str:
+        return self.url_base + self.file
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The hex digits after the last `-` of the file name (torch.hub's `check_hash` rule)."""
+        found = re.search(r"-([0-9a-f]{6,})\.", self.file)
+        if not found:
+            raise InputError(f"{self.file} carries no hash prefix; expected NAME-<hex>.pth")
+        return found[1]
+
+    @property
+    def hf_repo(self) -> str:
+        return "facebook/" + self.name.replace("_", "-")
+
+    @property
+    def timm_repo(self) -> str:
+        return f"timm/{self.name}.fb_in1k"
+
+
+PRETRAINED: dict[str, Weights] = {
+    w.name: w
+    for w in (
+        Weights("deit_tiny_patch16_224", "deit_tiny_patch16_224-a1311bcf.pth", 72.2, 91.1),
+        Weights("deit_small_patch16_224", "deit_small_patch16_224-cd65a155.pth", 79.9, 95.0),
+        Weights("deit_base_patch16_224", "deit_base_patch16_224-b5f2ef4d.pth", 81.8, 95.6),
+        Weights(
+            "deit_tiny_distilled_patch16_224",
+            "deit_tiny_distilled_patch16_224-b40b3cf7.pth",
+            74.5,
+            91.9,
+        ),
+        Weights(
+            "deit_small_distilled_patch16_224",
+            "deit_small_distilled_patch16_224-649709d9.pth",
+            81.2,
+            95.4,
+        ),
+        Weights(
+            "deit_base_distilled_patch16_224",
+            "deit_base_distilled_patch16_224-df68dfff.pth",
+            83.4,
+            96.5,
+        ),
+        Weights("deit_base_patch16_384", "deit_base_patch16_384-8de9b5d1.pth", 82.9, 96.2),
+        Weights(
+            "deit_base_distilled_patch16_384",
+            "deit_base_distilled_patch16_384-d0272ac0.pth",
+            85.2,
+            97.2,
+        ),
+    )
+}
+
+
+def weights(name: str) -> Weights:
+    if name not in PRETRAINED:
+        raise InputError(
+            f"no pretrained weights named {name!r}; expected one of {', '.join(PRETRAINED)}"
+        )
+    return PRETRAINED[name]
+
+
+def downloads_dir() -> Path:
+    return cache_home() / "downloads"
+
+
+def pretrained_dir() -> Path:
+    return cache_home() / "pretrained"
+
+
+def _progress(total: int | None, label: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        label,
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+    )
+    return bar, bar.add_task(label, total=total)
+
+
+def download(url: str, target: Path, sha256_prefix: str | None = None) -> Path:
+    """`url` into `target`, through `target.part`: renamed only once complete and, with
+    `sha256_prefix`, once its SHA-256 starts with it. Any failure leaves no file behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        try:
+            response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as err:
+            raise InputError(f"HTTP {err.code} {err.reason} for {url}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise InputError(
+                f"cannot download {url} ({reason}); with no network, put the file at {target} "
+                "or pass a local checkpoint file instead of the name"
+            ) from None
+        with response:
+            size = response.headers.get("Content-Length")
+            total = int(size) if size is not None else None
+            log.info(f"downloading {url} ({_mib(total)}) to {target}")
+            bar, task = _progress(total, target.name)
+            received = 0
+            with bar, open(part, "wb") as out:
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, ValueError) as err:  # a reset or a short chunked read
+                        raise InputError(
+                            f"the download of {url} broke off after {_mib(received)} ({err}); "
+                            "nothing was cached, run the command again"
+                        ) from None
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(task, advance=len(chunk))
+        if total is not None and received != total:
+            raise InputError(
+                f"the download of {url} broke off after {received} of {total} bytes; nothing "
+                "was cached, run the command again"
+            )
+        found = digest.hexdigest()
+        if sha256_prefix and not found.startswith(sha256_prefix):
+            raise InputError(
+                f"{url} has SHA-256 {found[:12]}..., not the {sha256_prefix} its name promises; "
+                "refused and not cached"
+            )
+        os.replace(part, target)
+        return target
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _mib(n: int | None) -> str:
+    return "size unknown" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _hub_file(repo: str, names: tuple[str, ...]) -> Path:
+    """The first of `names` in Hub repo `repo`, through the Hub's own cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    for i, name in enumerate(names):
+        try:
+            return Path(hf_hub_download(repo, name))
+        except EntryNotFoundError:
+            if i == len(names) - 1:
+                raise InputError(f"{endpoint}/{repo} has none of {', '.join(names)}") from None
+        except LocalEntryNotFoundError:
+            raise InputError(
+                f"cannot download {name} of {repo} from {endpoint} (offline, or no network); "
+                "run once with network access (the Hub caches it under HF_HOME) or pass a "
+                "local checkpoint file instead of the name"
+            ) from None
+        except Exception as err:  # the Hub client's HTTP errors: status and URL in one line
+            raise InputError(f"{endpoint}/{repo}: {str(err).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+def checkpoint_file(name: str, source: Source = "official") -> Path:
+    """The checkpoint file of `name` from `source`, downloaded once into the cache."""
+    w = weights(name)
+    if source == "official":
+        target = downloads_dir() / w.file
+        if target.is_file():
+            return target
+        return download(w.url, target, w.sha256_prefix)
+    if source == "hf":
+        return _hub_file(w.hf_repo, ("model.safetensors", "pytorch_model.bin"))
+    if source == "timm":
+        return _hub_file(w.timm_repo, ("model.safetensors", "pytorch_model.bin"))
+    raise InputError(f"source {source!r}; expected one of {', '.join(SOURCES)}")
+
+
+def pretrained_folder(name: str, source: Source = "official") -> Path:
+    """The exported model folder of the official weights `name`: converted once (the
+    registry's preprocessing written into its config.json) and read from the cache after."""
+    from deit import export
+    from deit.convert import convert_checkpoint
+
+    folder = pretrained_dir() / name / source
+    if (folder / export.CONFIG).is_file() and (folder / export.WEIGHTS).is_file():
+        return folder
+    ckpt = checkpoint_file(name, source)
+    part = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        convert_checkpoint(ckpt, name, part)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(part, folder)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    log.info(f"converted {name} ({source}) into {folder}")
+    return folder
+
+
+def load_pretrained(name: str, source: Source = "official") -> tuple[Any, dict]:
+    """`(model, variables)` of the official weights `name` (`deit.export.load_exported` of
+    `pretrained_folder`); the folder's config.json also holds its preprocessing."""
+    from deit import export
+
+    model, variables, _ = export.load_exported(pretrained_folder(name, source))
+    return model, variables
+
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """An existing path as it is; else a pretrained name's exported folder (`pretrained_folder`).
+    `NAME@hf` / `NAME@timm` pick the Hub layouts."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    name, _, source = str(path_or_name).partition("@")
+    if name in PRETRAINED:
+        return pretrained_folder(name, source or "official")  # type: ignore[arg-type]
+    return path
+
+
+def cache_entries() -> list[tuple[Path, int]]:
+    """`(path, bytes)` of every download and converted folder in the cache."""
+    out = []
+    if downloads_dir().is_dir():
+        out += [(p, p.stat().st_size) for p in sorted(downloads_dir().iterdir()) if p.is_file()]
+    if pretrained_dir().is_dir():
+        for folder in sorted(pretrained_dir().glob("*/*")):
+            if folder.is_dir():
+                out.append(
+                    (folder, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+                )
+    return out
+
+
+def clear_cache(name: str | None = None) -> list[Path]:
+    """Delete the downloads and converted folders (of `name` only, when given); returns them."""
+    if name is not None:
+        weights(name)
+    removed = []
+    for path, _ in cache_entries():
+        if name is None or path.name.startswith(name + "-") or name in path.parts:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    if pretrained_dir().is_dir():
+        for folder in pretrained_dir().iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return removed
