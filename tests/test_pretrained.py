@@ -9,6 +9,7 @@ import json
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_official_download_converts_once_and_matches_timm(official, server, deit
     assert (deit_home / "downloads" / entry.file).is_file()
     folder = deit_home / "pretrained" / NAME / "official"
     config = json.loads((folder / "config.json").read_text())
-    assert config["variant"] == NAME and config["crop_pct"] == 1.0  # the registry's, at 32
+    assert config["variant"] == NAME and config["crop_pct"] == deit.get_spec(NAME).crop_pct
     assert server.requests == [("GET", f"/deit/{entry.file}")]
     # The second load reads the converted folder: no request, no conversion.
     stamp = (folder / "params.safetensors").stat().st_mtime_ns
@@ -125,8 +126,8 @@ def test_a_corrupted_byte_is_refused_and_not_cached(official, server, deit_home,
     body[len(body) // 2] ^= 0xFF
     server.files[path] = bytes(body)
     assert cli.main(["eval", "--pretrained", NAME]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "refused and not cached" in err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the "downloading" note
+    assert err.startswith("deit eval: error: ") and "refused and not cached" in err
     assert f"not the {entry.sha256_prefix} its name promises" in err
     assert list((deit_home / "downloads").iterdir()) == []
     assert not (deit_home / "pretrained").exists() or not any(
@@ -161,7 +162,7 @@ def test_http_errors_and_no_network_are_one_line(server, monkeypatch, deit_home,
         monkeypatch.setitem(pretrained.PRETRAINED, NAME, gone)
         assert cli.main(["eval", "--model", NAME, "--pretrained"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"cannot download http://127.0.0.1:{port}/" in err
+    assert len(err.splitlines()) == 1 and f"cannot download http://127.0.0.1:{port}/" in err, err
     assert str(deit_home / "downloads" / gone.file) in err and "local checkpoint file" in err
 
 
@@ -184,6 +185,7 @@ import sys
 import numpy as np
 from deit import export, pretrained
 import jax
+import jax.numpy as jnp
 
 name, layout, out = sys.argv[1:]
 pretrained.PRETRAINED[name] = pretrained.Weights(name, name + "-00000000.pth", 0, 0)
@@ -238,7 +240,8 @@ def test_hub_layouts_through_hf_endpoint(layout, server, deit_home, tmp_path):
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose(np.load(logits), want, rtol=0, atol=1e-5)
     assert (tmp_path / "hf" / "hub").is_dir()  # the file sits in the Hub's cache (HF_HOME)
-    fetched = [r for r in server.requests if r[0] == "GET"]
+    files = lambda: [r for r in server.requests if r[0] == "GET" and "/resolve/" in r[1]]
+    fetched = files()
     assert fetched == [("GET", f"/{repo}/resolve/main/model.safetensors")]
     # Offline: the Hub's cache answers (the converted folder removed, so it is converted again).
     import shutil
@@ -246,7 +249,7 @@ def test_hub_layouts_through_hf_endpoint(layout, server, deit_home, tmp_path):
     shutil.rmtree(deit_home / "pretrained")
     done, _ = _hub_run(tmp_path, server, layout, offline=True)
     assert done.returncode == 0, done.stderr
-    assert [r for r in server.requests if r[0] == "GET"] == fetched
+    assert files() == fetched
     # Offline with an empty Hub cache: one line saying what to do.
     shutil.rmtree(deit_home / "pretrained")
     shutil.rmtree(tmp_path / "hf")
@@ -324,3 +327,28 @@ def test_a_384_model_is_evaluated_uncropped_by_every_command(
     assert set(crops) == {(384, 1.0)}
     config = json.loads((deit_home / "pretrained" / name / "official" / "config.json").read_text())
     assert config["crop_pct"] == 1.0 and config["img_size"] == 384
+
+
+def test_a_pretrained_name_is_a_teacher(official, deit_home):
+    from deit import configs
+    from deit.run import resolve_teacher
+
+    ref, _ = official
+    cfg = configs.digits()
+    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=NAME))
+    teacher, folder = resolve_teacher(cfg, None, None, resume=False)
+    assert folder == deit_home / "pretrained" / NAME / "official"
+    assert teacher.num_classes == 10
+    # The teacher takes [0, 1] images and applies the folder's own normalisation.
+    x01 = (images(32)[1] * 0.1 + 0.5).clip(0, 1)
+    prep = export.Preprocessing.from_config(json.loads((folder / "config.json").read_text()), None)
+    want = timm_heads(
+        ref,
+        torch.from_numpy(
+            np.asarray(prep.normalize((x01 * 255).round().astype(np.uint8)))
+            .transpose(0, 3, 1, 2)
+            .copy()
+        ),
+    )
+    got = np.asarray(teacher(jnp.asarray((x01 * 255).round() / 255, jnp.float32)))
+    np.testing.assert_allclose(got, want["avg"], rtol=0, atol=1e-4)

@@ -24,7 +24,7 @@ def tiny():
 def assert_drawn(path) -> None:
     """A PNG of a real figure: it decodes, is figure-sized, and is not one flat colour."""
     with Image.open(path) as img:
-        assert img.format == "PNG" and min(img.size) >= 200, (path, img.size)
+        assert img.format == "PNG" and min(img.size) >= 100, (path, img.size)
         pixels = np.asarray(img.convert("L"), np.float32)
     assert pixels.std() > 5, f"{path} is blank"
 

@@ -210,15 +210,15 @@ def _hub_file(repo: str, names: tuple[str, ...]) -> Path:
     for i, name in enumerate(names):
         try:
             return Path(hf_hub_download(repo, name))
-        except EntryNotFoundError:
-            if i == len(names) - 1:
-                raise InputError(f"{endpoint}/{repo} has none of {', '.join(names)}") from None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # before its base class EntryNotFoundError
             raise InputError(
                 f"cannot download {name} of {repo} from {endpoint} (offline, or no network); "
                 "run once with network access (the Hub caches it under HF_HOME) or pass a "
                 "local checkpoint file instead of the name"
             ) from None
+        except EntryNotFoundError:
+            if i == len(names) - 1:
+                raise InputError(f"{endpoint}/{repo} has none of {', '.join(names)}") from None
         except Exception as err:  # the Hub client's HTTP errors: status and URL in one line
             raise InputError(f"{endpoint}/{repo}: {str(err).splitlines()[0]}") from None
     raise AssertionError("unreachable")
