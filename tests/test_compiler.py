@@ -54,3 +54,21 @@ def test_options_compile_and_keep_logits(fresh_cache):
     tuned = jax.jit(fn, compiler_options=compiler_options(jnp.float32))(params, x)
     plain = jax.jit(fn)(params, x)
     np.testing.assert_allclose(np.asarray(tuned), np.asarray(plain), atol=1e-5, rtol=1e-5)
+
+
+def test_deit_jit_passes_the_options_and_keeps_the_numbers(monkeypatch, fresh_cache):
+    import deit
+
+    seen = []
+    real = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda f, **kw: seen.append(kw) or real(f, **kw))
+    model = create_model("deit_test_distilled_patch4_32")
+    variables = {"params": init_params(model, 0)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    fast = deit.jit(model.apply, static_argnames=("train",))(variables, x, train=False).logits
+    assert seen[-1].get("compiler_options") == compiler_options(jnp.float32)
+    assert seen[-1]["static_argnames"] == ("train",)
+    deit.jit(model.apply, dtype="bfloat16")
+    assert "compiler_options" not in seen[-1]  # bf16 keeps XLA's defaults
+    plain = real(model.apply)(variables, x).logits
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), rtol=1e-5, atol=1e-6)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "ModelSpec": "deit.variants",
     "get_spec": "deit.variants",
     "load_pretrained": "deit.pretrained",
+    "jit": "deit.compiler",
     "PRETRAINED": "deit.pretrained",
 }
 _SUBMODULES = (

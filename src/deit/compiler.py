@@ -49,3 +49,16 @@ def compiler_options(dtype: Any) -> dict[str, str] | None:
     if dtype is None or jnp.dtype(dtype) != jnp.float32 or not _tuned_backend():
         return None
     return {YNN_FUSION_TYPE: ""}
+
+
+def jit(fun: Any, *, dtype: Any = jnp.float32, **jit_kwargs: Any) -> Any:
+    """`jax.jit(fun, **jit_kwargs)` with the package's compiler options for `dtype` programs
+    (`compiler_options`): what a user's own `jax.jit(model.apply)` lacks.
+
+        forward = deit.jit(model.apply)                 # float32 model
+        forward = deit.jit(model.apply, dtype="bfloat16")
+    """
+    options = compiler_options(dtype)
+    if options is not None:
+        jit_kwargs["compiler_options"] = {**options, **jit_kwargs.get("compiler_options", {})}
+    return jax.jit(fun, **jit_kwargs)
