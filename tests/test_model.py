@@ -364,3 +364,19 @@ def test_patch_embed_init_follows_fan_in(tiny):
         _assert_same_distribution("patch embed", ours, ref)
     kernel = np.asarray(params["patch_embed"]["proj"]["kernel"])
     assert np.abs(kernel).max() >= 0.95 * bound  # uses the whole range, not a narrower one
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_attention_path_matches_the_einsums(dtype, monkeypatch):
+    """The GPU path (`jax.nn.dot_product_attention`) gives what the CPU path gives; checked on
+    CPU by forcing it (XLA's reference implementation of the same function)."""
+    model = deit.create_model("deit_test_distilled_patch4_32", dtype=dtype)
+    variables = {"params": deit.init_params(model, 1)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    out = {}
+    for choice in ("einsum", "fused"):
+        monkeypatch.setenv("DEIT_ATTENTION", choice)
+        out[choice] = np.asarray(jax.jit(model.apply)(variables, x).logits, np.float32)
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(out["fused"], out["einsum"], rtol=0, atol=tol)
+    assert not np.array_equal(out["fused"], np.zeros_like(out["fused"]))

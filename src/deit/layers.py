@@ -11,6 +11,7 @@ bf16`; `deit.compiler` keeps YNNPACK on for bf16 programs for this reason).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,16 @@ class PatchEmbed(nn.Module):
         return x.reshape(b, gh * gw, d)
 
 
+def fused_attention() -> bool:
+    """Whether attention uses `jax.nn.dot_product_attention` (on GPU: cuDNN's fused kernel) or
+    the two einsums (elsewhere: on CPU the einsums are the faster of the two, `bench/attention.py`).
+    Read while tracing; `DEIT_ATTENTION=fused|einsum` overrides the choice by backend."""
+    choice = os.environ.get("DEIT_ATTENTION", "")
+    if choice in ("fused", "einsum"):
+        return choice == "fused"
+    return jax.default_backend() == "gpu"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused `qkv` Dense: `(B, T, D)` -> `(B, T, D)`.
 
@@ -131,6 +142,13 @@ class Attention(nn.Module):
         # (3, B, h, T, d) makes both attention matmuls plain batched ones (~7% faster on CPU).
         qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if fused_attention() and not self.capture and not (train and self.attn_drop > 0):
+            # (B, T, h, d) in and out: XLA's fused attention (cuDNN flash attention on NVIDIA).
+            out = jax.nn.dot_product_attention(
+                q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            )
+            out = dense(d, "proj", self.dtype)(out.reshape(b * t, d)).reshape(b, t, d)
+            return nn.Dropout(self.proj_drop)(out, deterministic=not train)
         logits = jnp.einsum(
             "bhqd,bhkd->bhqk", q * head_dim**-0.5, k, preferred_element_type=jnp.float32
         )
