@@ -81,6 +81,7 @@ class BenchConfig:
     pipeline_batches: int = 16
     pipeline_dir: str | None = None  # generated JPEGs (default: a temporary folder)
     seed: int = 0
+    torch_device: str = "cpu"  # where the reference runs: cpu, or cuda (bench/gpu.sh)
     out: str = str(RESULTS / "speed.json")  # the results as JSON
     markdown: str | None = str(RESULTS / "speed.md")  # the tables as markdown; None: not written
 
@@ -261,6 +262,7 @@ def _timm_spec(case: Case, cfg: BenchConfig) -> dict[str, Any]:
         "num_classes": spec.num_classes,
         "teacher": cfg.teacher,
         "drop_path": cfg.drop_path,
+        "device": cfg.torch_device,
     }
 
 

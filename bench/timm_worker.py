@@ -114,25 +114,37 @@ class TorchWorker:
 # Worker side: only this half imports torch.
 
 
-def _autocast(dtype: str) -> Any:
+def _autocast(dtype: str, device: str) -> Any:
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def _synchronize(device: str) -> None:
+    """A GPU call returns before its kernels finish: time them to the end, like JAX's
+    `block_until_ready` on the other side."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _inference(spec: dict[str, Any]) -> Callable[[], int]:
     import timm
     import torch
 
-    model = timm.create_model(spec["model"], num_classes=spec["num_classes"]).eval()
+    device = spec.get("device", "cpu")
+    model = timm.create_model(spec["model"], num_classes=spec["num_classes"]).eval().to(device)
     if spec["compile"]:
         model = torch.compile(model)
     b, s = spec["batch"], spec["img_size"]
-    x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
 
     def call() -> int:
-        with torch.inference_mode(), _autocast(spec["dtype"]):
+        with torch.inference_mode(), _autocast(spec["dtype"], device):
             model(x)
+        _synchronize(device)
         return b
 
     return call
@@ -151,27 +163,28 @@ def _train(spec: dict[str, Any]) -> Callable[[], int]:
     if spec["teacher"] != "resnet18":
         raise ValueError(f"teacher {spec['teacher']!r}; the reference knows only 'resnet18'")
     b, s, k = spec["batch"], spec["img_size"], spec["num_classes"]
+    device = spec.get("device", "cpu")
     gen = torch.Generator().manual_seed(0)
     student = timm.create_model(spec["model"], num_classes=k, drop_path_rate=spec["drop_path"])
-    student.train()
+    student.train().to(device)
     student.set_distilled_training(True)
-    teacher = torchvision.models.resnet18(num_classes=k).eval()
+    teacher = torchvision.models.resnet18(num_classes=k).eval().to(device)
     teacher.requires_grad_(False)
     groups = param_groups_weight_decay(student, 0.05, student.no_weight_decay())
     opt = torch.optim.AdamW(groups, lr=5e-4 * b / 512, betas=(0.9, 0.999), eps=1e-8)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=k)
-    erasing = RandomErasing(0.25, mode="pixel", device="cpu")
+    erasing = RandomErasing(0.25, mode="pixel", device=device)
     criterion = SoftTargetCrossEntropy()
     forward = torch.compile(student) if spec["compile"] else student
-    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, k, (b,), generator=gen)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device)
+    labels = torch.randint(0, k, (b,), generator=gen).to(device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
     def call() -> int:
         x = (images.float() / 255 - mean) / std
         x, targets = mixup(erasing(x), labels)
-        with _autocast(spec["dtype"]):
+        with _autocast(spec["dtype"], device):
             with torch.no_grad():
                 hard = teacher(x).argmax(dim=1)
             cls, dist = forward(x)
@@ -179,6 +192,7 @@ def _train(spec: dict[str, Any]) -> Callable[[], int]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _synchronize(device)
         return b
 
     return call
