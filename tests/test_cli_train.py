@@ -144,6 +144,8 @@ def test_help_shows_meanings_and_defaults(capsys):
             "unknown option(s) --optim.weigth-decay; did you mean --optim.weight-decay?",
         ),
         (["--optim.lr", "abc"], "--optim.lr 'abc'; expected {None}|FLOAT"),
+        (["--epochs", "x"], "--optim.epochs 'x'; expected an integer"),
+        (["--weight-decay", "much"], "--optim.weight-decay 'much'; expected a number"),
         (["--optim.weight-decay", "-1"], "--optim.weight-decay -1.0; expected a value >= 0"),
         (
             ["--drop-path", "0.2", "--model.drop-path-rate", "0.1"],

@@ -185,6 +185,12 @@ def _one_line(text: str) -> str:
         message,
     )
     message = re.sub(
+        r"Error parsing (--[\w.-]+): (?:invalid literal for (int)\(\) with base 10|could not "
+        r"convert string to (float)): (.*)",
+        lambda m: f"{m[1]} {m[4]}; expected {'an integer' if m[2] else 'a number'}",
+        message,
+    )
+    message = re.sub(
         r"Error parsing ([\w.]+): (\w+) ", lambda m: f"{_flag(m[1] + '.' + m[2])} ", message
     )
     message = re.sub(
