@@ -199,9 +199,10 @@ def inference_case(name: str, batch: int, dtype: str, seed: int = 0) -> Case:
 
 def train_case(
     name: str, batch: int, dtype: str, teacher: str = "resnet18", drop_path: float = 0.1,
-    seed: int = 0, donate: bool = True, remat: bool = False,
+    seed: int = 0, donate: bool = True, remat: bool = False, teacher_dtype: str | None = None,
 ) -> Case:  # fmt: skip
-    """One hard-distillation training step of `name` with a `teacher` ResNet at `batch`."""
+    """One hard-distillation training step of `name` with a `teacher` ResNet at `batch`; the
+    teacher computes in `teacher_dtype` (default: the student's `dtype`)."""
     from deit.augment import ErasingConfig, MixupConfig
     from deit.losses import LossConfig
     from deit.optim import OptimConfig, create_optimizer
@@ -211,7 +212,7 @@ def train_case(
     spec = get_spec(name)
     model = create_model(name, dtype=DTYPES[dtype], drop_path_rate=drop_path, remat=remat)
     s, k = spec.img_size, spec.num_classes
-    t_model = create_teacher(teacher, k, dtype=DTYPES[dtype])
+    t_model = create_teacher(teacher, k, dtype=DTYPES[teacher_dtype or dtype])
     image = jnp.zeros((1, s, s, 3), jnp.float32)
     t_vars = jax.jit(t_model.init)(jax.random.PRNGKey(seed + 1), image)
     t = Teacher.from_resnet(t_model, t_vars, IMAGENET_MEAN, IMAGENET_STD)

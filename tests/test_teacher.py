@@ -170,3 +170,22 @@ def test_from_deit_averages_the_two_heads() -> None:
     expected = (out.cls_logits + out.dist_logits) / 2
     np.testing.assert_allclose(jax.jit(teacher_logits)(teacher, images), expected, atol=1e-5)
     assert teacher.num_classes == 5 and teacher.image_size == (32, 32)
+
+
+def test_a_teacher_in_bfloat16_keeps_its_weights_and_float32_logits():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deit.teacher import Teacher, create_teacher
+
+    net = create_teacher("resnet8", 10, small_input=True)
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    fp32 = Teacher.from_resnet(net, variables, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 16)
+    bf16 = fp32.with_dtype("bfloat16")
+    assert bf16.apply_fn.model.dtype == jnp.bfloat16 and bf16.variables is fp32.variables
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), jnp.float32)
+    a, b = np.asarray(fp32(x)), np.asarray(bf16(x))
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, a, rtol=0, atol=0.05 * np.abs(a).max())
+    assert not np.array_equal(a, b)  # it did compute in bfloat16

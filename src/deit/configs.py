@@ -63,6 +63,9 @@ class TeacherConfig:
     `--teacher-path`); None: train `arch` first into OUTPUT/teacher."""
     arch: str = "resnet26"
     """ResNet trained as the teacher when `path` is None (official `--teacher-model`)."""
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Compute dtype of the frozen teacher while the student trains (bfloat16: a cheaper
+    teacher beside a float32 student); None: the dtype it was saved with."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The teacher's optimiser and schedule, with its own epochs."""
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(enabled=False))

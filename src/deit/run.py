@@ -155,6 +155,8 @@ def train_and_evaluate(
     if cfg.loss.distillation != "none":
         teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume)
         check_teacher(teacher, num_classes)
+        if cfg.teacher.dtype is not None:
+            teacher = teacher.with_dtype(cfg.teacher.dtype)
     results = fit(
         student,
         cfg,

@@ -244,6 +244,15 @@ class Teacher:
     def __call__(self, images_01: jax.Array) -> jax.Array:
         return teacher_logits(self, images_01)
 
+    def with_dtype(self, dtype: Any) -> Teacher:
+        """The same teacher computing in `dtype` (its variables stay as they are, float32;
+        logits are float32 either way): a bfloat16 teacher beside a float32 student."""
+        fn = self.apply_fn
+        if not isinstance(fn, _LogitsFn) or not hasattr(fn.model, "dtype"):
+            raise InputError(f"this teacher ({type(fn).__name__}) has no compute dtype to change")
+        model = fn.model.clone(dtype=jnp.dtype(dtype))
+        return dataclasses.replace(self, apply_fn=_LogitsFn(model, fn.deit))
+
     @classmethod
     def from_resnet(
         cls,
