@@ -236,63 +236,62 @@ def test_bad_input_raises_value_error(tiny):
 # Initialisation against timm's
 
 
-def _timm_families(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    sd = {k: v.detach().numpy().ravel() for k, v in model.state_dict().items()}
+def _named(timm_key: str, our_key: str) -> tuple:
+    return (lambda k: k == timm_key, lambda k: k == our_key)
 
-    def cat(pred) -> np.ndarray:
-        return np.concatenate([v for k, v in sd.items() if pred(k)])
 
+def _suffix(timm_end: str, our_end: str) -> tuple:
+    return (lambda k: k.endswith(timm_end), lambda k: k.endswith(our_end))
+
+
+# Parameter family -> (which timm state-dict keys, which of our parameter paths) belong to it.
+FAMILIES = {
+    "qkv kernel": _suffix("attn.qkv.weight", "attn/qkv/kernel"),
+    "attn proj kernel": _suffix("attn.proj.weight", "attn/proj/kernel"),
+    "fc1 kernel": _suffix("mlp.fc1.weight", "mlp/fc1/kernel"),
+    "fc2 kernel": _suffix("mlp.fc2.weight", "mlp/fc2/kernel"),
+    "block linear biases": (
+        lambda k: k.startswith("blocks.") and k.endswith("bias") and ".norm" not in k,
+        lambda k: k.startswith("blocks_") and k.endswith("bias") and "/norm" not in k,
+    ),
+    "LayerNorm scales": (
+        lambda k: "norm" in k and k.endswith("weight"),
+        lambda k: "norm" in k and k.endswith("scale"),
+    ),
+    "LayerNorm biases": (
+        lambda k: "norm" in k and k.endswith("bias"),
+        lambda k: "norm" in k and k.endswith("bias"),
+    ),
+    "patch-embed kernel": _named("patch_embed.proj.weight", "patch_embed/proj/kernel"),
+    "patch-embed bias": _named("patch_embed.proj.bias", "patch_embed/proj/bias"),
+    "pos_embed": _named("pos_embed", "pos_embed"),
+    "cls_token": _named("cls_token", "cls_token"),
+    "dist_token": _named("dist_token", "dist_token"),
+    "cls head kernel": _named("head.weight", "cls_head/kernel"),
+    "cls head bias": _named("head.bias", "cls_head/bias"),
+    "dist head kernel": _named("head_dist.weight", "dist_head/kernel"),
+    "dist head bias": _named("head_dist.bias", "dist_head/bias"),
+}
+
+
+def _families(flat: dict[str, np.ndarray], side: int) -> dict[str, np.ndarray]:
+    """`flat` (name -> array) gathered per family; `side` 0 for timm's names, 1 for ours."""
     return {
-        "qkv kernel": cat(lambda k: k.endswith("attn.qkv.weight")),
-        "attn proj kernel": cat(lambda k: k.endswith("attn.proj.weight")),
-        "fc1 kernel": cat(lambda k: k.endswith("mlp.fc1.weight")),
-        "fc2 kernel": cat(lambda k: k.endswith("mlp.fc2.weight")),
-        "block linear biases": cat(
-            lambda k: k.startswith("blocks.") and k.endswith("bias") and ".norm" not in k
-        ),
-        "LayerNorm scales": cat(lambda k: "norm" in k and k.endswith("weight")),
-        "LayerNorm biases": cat(lambda k: "norm" in k and k.endswith("bias")),
-        "patch-embed kernel": sd["patch_embed.proj.weight"],
-        "patch-embed bias": sd["patch_embed.proj.bias"],
-        "pos_embed": sd["pos_embed"],
-        "cls_token": sd["cls_token"],
-        "dist_token": sd["dist_token"],
-        "cls head kernel": sd["head.weight"],
-        "cls head bias": sd["head.bias"],
-        "dist head kernel": sd["head_dist.weight"],
-        "dist head bias": sd["head_dist.bias"],
+        family: np.concatenate([v.ravel() for k, v in flat.items() if tests[side](k)])
+        for family, tests in FAMILIES.items()
     }
+
+
+def _timm_families(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return _families({k: v.detach().numpy() for k, v in model.state_dict().items()}, 0)
 
 
 def _our_families(params: dict) -> dict[str, np.ndarray]:
     flat = {
-        "/".join(str(k.key) for k in path): np.asarray(v).ravel()
+        "/".join(str(k.key) for k in path): np.asarray(v)
         for path, v in jax.tree_util.tree_leaves_with_path(params)
     }
-
-    def cat(pred) -> np.ndarray:
-        return np.concatenate([v for k, v in flat.items() if pred(k)])
-
-    return {
-        "qkv kernel": cat(lambda k: k.endswith("attn/qkv/kernel")),
-        "attn proj kernel": cat(lambda k: k.endswith("attn/proj/kernel")),
-        "fc1 kernel": cat(lambda k: k.endswith("mlp/fc1/kernel")),
-        "fc2 kernel": cat(lambda k: k.endswith("mlp/fc2/kernel")),
-        "block linear biases": cat(
-            lambda k: k.startswith("blocks_") and k.endswith("bias") and "/norm" not in k
-        ),
-        "LayerNorm scales": cat(lambda k: "norm" in k and k.endswith("scale")),
-        "LayerNorm biases": cat(lambda k: "norm" in k and k.endswith("bias")),
-        "patch-embed kernel": flat["patch_embed/proj/kernel"],
-        "patch-embed bias": flat["patch_embed/proj/bias"],
-        "pos_embed": flat["pos_embed"],
-        "cls_token": flat["cls_token"],
-        "dist_token": flat["dist_token"],
-        "cls head kernel": flat["cls_head/kernel"],
-        "cls head bias": flat["cls_head/bias"],
-        "dist head kernel": flat["dist_head/kernel"],
-        "dist head bias": flat["dist_head/bias"],
-    }
+    return _families(flat, 1)
 
 
 def _kurtosis(x: np.ndarray) -> float:

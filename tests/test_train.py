@@ -31,6 +31,15 @@ def tiny_config(tmp_path, **kw) -> configs.TrainConfig:
     )
 
 
+def _random_batch(seed: int) -> dict[str, jax.Array]:
+    """Eight random 16x16 uint8 images of the 10 digit classes."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, 10, 8, dtype=np.int32)),
+    }
+
+
 @pytest.fixture(scope="module")
 def sources():
     train_src, val_src = data.digits()
@@ -102,11 +111,7 @@ def test_train_step_is_deterministic_and_teacher_gets_no_gradient(frozen_teacher
     )
     state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
     step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 10, 8, dtype=np.int32)),
-    }
+    batch = _random_batch(0)
     a, ma = step(state, batch, frozen_teacher)
     b, mb = step(state, batch, frozen_teacher)
     assert float(ma["loss"]) == float(mb["loss"]) and float(ma["kd_loss"]) > 0
@@ -169,11 +174,7 @@ def test_ema_after_n_steps_is_the_closed_form(warmup):
     )
     state = train.init_state(model, tx, cfg, 0, (16, 16, 3))
     step = jax.jit(train.make_train_step(model, tx, schedule, cfg))
-    rng = np.random.default_rng(1)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 10, 8, dtype=np.int32)),
-    }
+    batch = _random_batch(1)
     leaf = lambda tree: np.asarray(tree["cls_head"]["kernel"], np.float64)
     weights = [leaf(state.params)]
     for _ in range(6):
