@@ -145,3 +145,20 @@ def test_debug_shows_the_traceback_of_a_user_error(how, monkeypatch, capsys):
     assert err.strip().splitlines()[-1] == (
         "deit train: error: --batch-size 0; expected a positive number"
     )
+
+
+def test_only_real_settings_become_flags():
+    msg = cli._user_message(ValueError("cannot read model.safetensors; lower optim.base_lr"))
+    assert msg == "cannot read model.safetensors; lower --optim.base-lr"
+
+
+def test_help_into_a_closed_pipe_is_not_a_bug():
+    done = subprocess.run(
+        f"{sys.executable} -m deit.cli train --help | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.startswith("usage: deit train")
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr

@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _library_messages():
             code = cmd_train(argv[1:]) if args is None else COMMANDS[command](args)
+    except BrokenPipeError:  # `deit ... | head`: the reader left; nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- Python flushes stdout at exit
+        return 0
     except Interrupted as stop:
         print(f"deit {command}: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -356,6 +359,25 @@ _SETTING = re.compile(
 )
 
 
+def _settings() -> set[str]:
+    """Every dotted path of the config tree (`optim.base_lr`, ...): what may become a flag."""
+    import dataclasses
+    import typing
+
+    from deit.configs import TrainConfig
+
+    out, todo = set(), [(TrainConfig, "")]
+    while todo:
+        cls, prefix = todo.pop()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append((hints[f.name], f"{prefix}{f.name}."))
+            else:
+                out.add(prefix + f.name)
+    return out
+
+
 def _user_message(err: BaseException) -> str:
     """The error in the CLI's terms: settings named by their flags."""
     if getattr(err, "source", None):  # a config file's key: named as written in the file
@@ -366,7 +388,7 @@ def _user_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
         return f"{err.strerror}: {err.filename}"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    flag = lambda m: "--" + m[0].replace("_", "-")
+    flag = lambda m: "--" + m[0].replace("_", "-") if m[0] in _settings() else m[0]
     text = _SETTING.sub(flag, text)
     for words, flags in (
         ("resume it", "resume it (--resume)"),
