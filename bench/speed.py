@@ -125,6 +125,19 @@ class Case:
         return out
 
 
+def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
+    """The jaxprs inside an equation's params (pjit, scan, cond, custom_vjp, ...); jax 0.12 dropped
+    `jax.core.jaxprs_in_params`."""
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if hasattr(item, "eqns"):
+                found.append(item)
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                found.append(item.jaxpr)
+    return found
+
+
 def matmul_flops(fn: Callable[..., Any], *args: Any) -> int:
     """FLOPs (2 per multiply-add) of every `dot_general` and convolution in `fn(*args)`."""
 
@@ -141,7 +154,7 @@ def matmul_flops(fn: Callable[..., Any], *args: Any) -> int:
                 spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
                 per_out = int(np.prod([rhs[i] for i in spec[1:]]))
                 total += 2 * int(np.prod(out)) * per_out
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in _sub_jaxprs(eqn.params):
                 total += walk(sub)
         return total
 
