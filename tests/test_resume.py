@@ -214,6 +214,8 @@ def test_sigterm_saves_and_says_how_to_resume(reference, compile_cache, tmp_path
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, capsys):
+    """The step where the loss first turns NaN is named (the device-side flag), although the
+    loop first looks at it at the save after it; nothing non-finite is ever saved."""
     poison_from = 5
     real = train.make_train_step
 
@@ -231,17 +233,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, t
 
     monkeypatch.setattr(train, "make_train_step", poisoned)
     out = tmp_path / "run"
-    # Logged at step 3, saved at 2 and 4; step 5 is neither, so the NaN is caught at the save of 6.
+    # Logged at step 3, saved at 2 and 4; step 5 is neither: the flag is read at the save of 6.
     argv = ["train", "--output", str(out), *RUN, "--epochs", "1", "--log-every", "3"]
     assert cli.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("deit train: error: loss is nan at step 6; stopped without saving it")
+    assert err.startswith(
+        "deit train: error: the loss or the parameters became non-finite (NaN/inf) at step 5; "
+        "stopped without saving them"
+    ), err
     assert "last good checkpoint (step 4)" in err and "--resume" in err
     assert finished_steps(out) == [2, 4]
     assert not any(p.name.startswith(("5", "6")) for p in (out / "checkpoints").iterdir())
     step, state, _ = restore_latest(out / "checkpoints")
     assert step == 4 and int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if x["kind"] == "train"] == [2, 3, 4]  # none past the bad one
 
 
 SAVER = """
