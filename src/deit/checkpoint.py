@@ -172,12 +172,14 @@ class Checkpoints:
 
     def problem(self, step: int) -> str | None:
         """What makes the checkpoint at `step` unusable (None: nothing)."""
-        folder = self.directory / str(step)
+        problem = manifest_problem(self.directory / str(step))  # the more precise message
+        if problem is not None:
+            return problem
         try:
             _shapes(self.manager.item_metadata(step)["state"].tree)
         except Exception as err:  # any failure to read Orbax's own metadata
             return f"Orbax cannot read its metadata: {str(err).splitlines()[0][:200]}"
-        return manifest_problem(folder)
+        return None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """The state at `step` (default latest) laid out like `abstract_state`

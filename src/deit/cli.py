@@ -362,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception as err:
+        from deit import diskspace
+
+        if isinstance(err, OSError) and diskspace.is_no_space(err):  # the machine's state
+            if debug:
+                traceback.print_exc()
+            print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(
             f"deit {command}: internal error: this is a bug in deit, not in what you gave it; "

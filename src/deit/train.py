@@ -423,14 +423,14 @@ def fit(
             saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
             if saving or step % cfg.log_every == 0 or last:
                 _check_finite(first_bad, ckpts)
+                if saving:  # first: a full disk is then reported as the save's
+                    ckpts.save(step, state, meta(best, epoch), wait=stopping)
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 values["img_per_s"] = seen / max(now - tick, 1e-9)
                 values["bad_images"] = bad.count
                 tick, seen = now, 0
                 logger.log_train(step, epoch, values)
-            if saving:
-                ckpts.save(step, state, meta(best, epoch), wait=stopping)
             if stopping:
                 raise Interrupted(stop.requested, step, out)
         ckpts.wait()
