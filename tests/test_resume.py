@@ -49,12 +49,18 @@ class Run:
     would block the run)."""
 
     def __init__(
-        self, out: Path, *extra: str, cache: Path | None = None, env: dict | None = None
+        self,
+        out: Path,
+        *extra: str,
+        cache: Path | None = None,
+        env: dict | None = None,
+        logs: Path | None = None,
     ) -> None:
         self.out = out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n = len(list(out.parent.glob(f"{out.name}.*.log")))
-        self.log = out.parent / f"{out.name}.{n}.log"
+        logs = logs or out.parent
+        logs.mkdir(parents=True, exist_ok=True)
+        n = len(list(logs.glob(f"{out.name}.*.log")))
+        self.log = logs / f"{out.name}.{n}.log"
         argv = [sys.executable, "-m", "deit.cli", "train", "--output", str(out), *RUN, *extra]
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
@@ -497,12 +503,11 @@ def small_disk(tmp_path):
 def fill(disk: Path) -> Path:
     """A file that takes every free byte of `disk`."""
     filler = disk / "filler"
-    with filler.open("wb") as f:
+    with filler.open("wb", buffering=0) as f:
         for size in (1 << 20, 4096, 1):
             try:
                 while True:
                     f.write(b"\0" * size)
-                    f.flush()
             except OSError:
                 pass
     return filler
@@ -510,11 +515,11 @@ def fill(disk: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_cleanly_then_it_resumes_exactly(
-    reference, compile_cache, small_disk
+    reference, compile_cache, small_disk, tmp_path
 ):
     out = small_disk / "run"
     # Only checkpoints and the epoch's end write to the disk between steps 22 and 44.
-    run = Run(out, "--log-every", "1000", cache=compile_cache)
+    run = Run(out, "--log-every", "1000", cache=compile_cache, logs=tmp_path)
     run.wait_for_checkpoint(STEPS_PER_EPOCH + 2)
     filler = fill(small_disk)
     assert run.wait() == 2
@@ -533,7 +538,7 @@ def test_a_full_disk_stops_the_run_cleanly_then_it_resumes_exactly(
     export.load_model(out / "best")
     assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
     filler.unlink()
-    Run(out, "--resume", cache=compile_cache).finish()
+    Run(out, "--resume", cache=compile_cache, logs=tmp_path).finish()
     assert_same_params(reference.params(), out)
 
 

@@ -15,6 +15,7 @@ so the step number in the train state is the iterator position (see `data.py`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ class Checkpoints:
         self.directory = Path(directory).absolute()  # Orbax requires absolute paths
         self._writing: int | None = None  # the step whose save is in flight
         self._needed = 0
+        self._failed = False  # a save failed and was reported: `close` does not raise it again
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -114,6 +116,7 @@ class Checkpoints:
         except Exception as err:
             if not diskspace.is_no_space(err):
                 raise
+            self._failed = True
             step, self._writing = self._writing, None
             if jax.process_index() == 0:
                 for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
@@ -212,6 +215,12 @@ class Checkpoints:
         self._writing = None
 
     def close(self) -> None:
+        """Wait for the save in flight, then release Orbax's threads. A failed save already
+        reported (`NoSpaceError`) is not raised again: Orbax keeps its error and would."""
+        if self._failed:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
         self.wait()
         self.manager.close()
 
