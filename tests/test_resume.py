@@ -1,5 +1,6 @@
 """Runs that survive: a SIGKILL at any moment, a SIGTERM, a non-finite loss, a kill in the middle
-of a save, and a resume with the wrong model.
+of a save, a resume with the wrong model, a lost process of a multi-process run, a corrupt
+checkpoint, a full disk, a slow filesystem and a second run in the same folder.
 
 The end-to-end runs are `python -m deit.cli train` subprocesses on the built-in digits (1,437
 training images: 22 steps of 64 per epoch, 44 in all) with the tiny test variant at 16x16, and
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from deit import cli, export, train
-from deit.checkpoint import Checkpoints
+from deit.checkpoint import SLOW_WRITE_ENV, Checkpoints
 
 STEPS_PER_EPOCH = 1437 // 64
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
@@ -33,8 +34,8 @@ RUN += ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--checkpoint-ever
 RUN += ["--log-every", "5"]
 
 
-def _env(cache: Path | None) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+def _env(cache: Path | None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **extra)
     if cache is not None:
         # Only to save compile time: the interrupted runs share compiled programs. The reference
         # run compiles on its own, so a compilation that differed between processes still shows.
@@ -47,17 +48,33 @@ class Run:
     """`deit train --output OUT` in a subprocess; stdout and stderr go to files (a full pipe
     would block the run)."""
 
-    def __init__(self, out: Path, *extra: str, cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *extra: str,
+        cache: Path | None = None,
+        env: dict | None = None,
+        logs: Path | None = None,
+    ) -> None:
         self.out = out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n = len(list(out.parent.glob(f"{out.name}.*.log")))
-        self.log = out.parent / f"{out.name}.{n}.log"
+        logs = logs or out.parent
+        logs.mkdir(parents=True, exist_ok=True)
+        n = len(list(logs.glob(f"{out.name}.*.log")))
+        self.log = logs / f"{out.name}.{n}.log"
         argv = [sys.executable, "-m", "deit.cli", "train", "--output", str(out), *RUN, *extra]
         with self.log.open("w") as log:
-            self.proc = subprocess.Popen(argv, env=_env(cache), stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                argv, env=_env(cache, **(env or {})), stdout=log, stderr=log
+            )
 
     def text(self) -> str:
         return self.log.read_text()
+
+    def message(self) -> str:
+        """The one line `deit train` ends with on an error."""
+        lines = [ln for ln in self.text().splitlines() if ln.startswith("deit train:")]
+        assert len(lines) == 1, self.text()[-3000:]
+        return lines[0]
 
     def wait(self, timeout: float = 600) -> int:
         try:
@@ -172,6 +189,8 @@ def test_sigkill_at_two_points_then_resume_is_bit_identical(reference, compile_c
 
     second = Run(out, "--resume", cache=compile_cache)
     second.wait_for_checkpoint(STEPS_PER_EPOCH + 6)
+    # The killed run's lock was left behind; the kernel dropped its flock, so it is taken over.
+    assert f"took over the lock of {out} from a run that is no longer alive" in second.text()
     os.kill(second.proc.pid, signal.SIGKILL)
     assert second.wait() == -signal.SIGKILL
     killed_again_at = max(finished_steps(out))
@@ -214,6 +233,8 @@ def test_sigterm_saves_and_says_how_to_resume(reference, compile_cache, tmp_path
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, capsys):
+    """The step where the loss first turns NaN is named (the device-side flag), although the
+    loop first looks at it at the save after it; nothing non-finite is ever saved."""
     poison_from = 5
     real = train.make_train_step
 
@@ -231,17 +252,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, t
 
     monkeypatch.setattr(train, "make_train_step", poisoned)
     out = tmp_path / "run"
-    # Logged at step 3, saved at 2 and 4; step 5 is neither, so the NaN is caught at the save of 6.
+    # Logged at step 3, saved at 2 and 4; step 5 is neither: the flag is read at the save of 6.
     argv = ["train", "--output", str(out), *RUN, "--epochs", "1", "--log-every", "3"]
     assert cli.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("deit train: error: loss is nan at step 6; stopped without saving it")
+    assert err.startswith(
+        "deit train: error: the loss or the parameters became non-finite (NaN/inf) at step 5; "
+        "stopped without saving them"
+    ), err
     assert "last good checkpoint (step 4)" in err and "--resume" in err
     assert finished_steps(out) == [2, 4]
     assert not any(p.name.startswith(("5", "6")) for p in (out / "checkpoints").iterdir())
     step, state, _ = restore_latest(out / "checkpoints")
     assert step == 4 and int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged if x["kind"] == "train"] == [2, 3, 4]  # none past the bad one
 
 
 SAVER = """
@@ -369,3 +395,188 @@ def test_sigkill_with_skipped_bad_images_then_resume_is_bit_identical(compile_ca
     assert str(data / "val" / "dog" / "03.png") in expected["bad_images"]
     # The resumed run met (at least) the bad images of the steps after the kill, the same ones.
     assert set(results["bad_images"]) <= set(expected["bad_images"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(out: Path, *extra: str, cache: Path | None = None) -> list[Run]:
+    """`deit train` as 2 processes x 2 devices on loopback (JAX's distributed runtime)."""
+    port = free_port()
+    launch = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
+    launch += ("--parallel.heartbeat-timeout", "10", *extra)
+    return [Run(out, *launch, "--process-id", str(i), cache=cache) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_a_lost_process_is_named_by_the_survivor_then_both_resume_exactly(compile_cache, tmp_path):
+    """Process 1 of 2 SIGKILLed mid-epoch: process 0 exits within 60 s naming it and the
+    command that resumes; both relaunched with --resume end as an uninterrupted 2-process run."""
+    one_epoch = ("--epochs", "1", "--checkpoint-every", "4")
+    reference = two_processes(tmp_path / "reference", *one_epoch)  # beside the first try
+    out = tmp_path / "run"
+    first = two_processes(out, *one_epoch, cache=compile_cache)
+    first[0].wait_for_checkpoint(8)
+    os.kill(first[1].proc.pid, signal.SIGKILL)
+    assert first[1].wait() == -signal.SIGKILL
+    assert first[0].wait(timeout=60) == 4  # the watchdog's exit, not a hang in a collective
+    line = first[0].message()
+    assert "process 1 of the 2 processes was lost (no sign of life for 10 s)" in line, line
+    assert "--resume" in line and f"--output {out}" in line, line
+    assert "Traceback" not in first[0].text()
+    saved = max(finished_steps(out))
+    assert 8 <= saved < STEPS_PER_EPOCH
+    for run in reference:
+        run.finish()
+    again = two_processes(out, *one_epoch, "--resume", cache=compile_cache)
+    for run in again:
+        run.finish()
+    assert_same_params(final_params(reference[0].out), out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["val"] == json.loads((reference[0].out / "results.json").read_text())["val"]
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one byte flipped in the middle, the size unchanged
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
+    reference, compile_cache, tmp_path, capsys
+):
+    reference.params()  # finished: its checkpoints are at 22 and 44 (epoch ends)
+    out = tmp_path / "run"
+    shutil.copytree(reference.out / "checkpoints", out / "checkpoints")
+    shutil.copy(reference.out / "config.json", out / "config.json")
+    damage(out / "checkpoints" / "44" / "state" / "_sharding", "truncate")
+    resumed = Run(out, "--resume", "--checkpoint-every", "1000", cache=compile_cache)
+    resumed.finish()
+    notes = [ln for ln in resumed.text().splitlines() if "is unusable" in ln]
+    assert notes == [
+        f"checkpoint {out / 'checkpoints' / '44'} is unusable (state/_sharding has "
+        f"{(out / 'checkpoints-corrupt' / '44' / 'state' / '_sharding').stat().st_size} bytes, "
+        f"{(reference.out / 'checkpoints' / '44' / 'state' / '_sharding').stat().st_size} were "
+        "written); resuming from the previous complete one, step 22"
+    ]
+    assert_same_params(reference.params(), out)  # 22 steps again: bit for bit
+    results = json.loads((out / "results.json").read_text())
+    assert results["val"] == json.loads((reference.out / "results.json").read_text())["val"]
+
+    # Neither checkpoint usable: refused, naming both, with nothing changed.
+    damage(out / "checkpoints" / "44" / "state" / "_sharding", "truncate")
+    chunk = next((out / "checkpoints" / "22" / "state" / "d").iterdir())
+    damage(chunk, "flip")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    argv = ["train", "--output", str(out), *RUN, "--resume"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deit train: error: no usable checkpoint to resume from (tried "), err
+    assert f"{out / 'checkpoints' / '44'}: state/_sharding has" in err
+    assert f"{out / 'checkpoints' / '22'}: state/d/{chunk.name} differs from what was" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (root only: skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """A file that takes every free byte of `disk`."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_cleanly_then_it_resumes_exactly(
+    reference, compile_cache, small_disk, tmp_path
+):
+    out = small_disk / "run"
+    # Only checkpoints and the epoch's end write to the disk between steps 22 and 44.
+    run = Run(out, "--log-every", "1000", cache=compile_cache, logs=tmp_path)
+    run.wait_for_checkpoint(STEPS_PER_EPOCH + 2)
+    filler = fill(small_disk)
+    assert run.wait() == 2
+    line = run.message()
+    match = re.fullmatch(
+        rf"deit train: error: no space left on the device for {out}/checkpoints/(\d+): it needs "
+        r"about ([\d.]+) MiB, ([\d.]+) MiB are free; free some space, then resume the run "
+        r"\(--resume\)",
+        line,
+    )
+    assert match, line
+    assert float(match[2]) > float(match[3])
+    # What was written before stays whole: the latest checkpoint and the best model.
+    step, state, _ = restore_latest(out / "checkpoints")
+    assert STEPS_PER_EPOCH < step < int(match[1]) and int(state["step"]) == step
+    export.load_model(out / "best")
+    assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    filler.unlink()
+    Run(out, "--resume", cache=compile_cache, logs=tmp_path).finish()
+    assert_same_params(reference.params(), out)
+
+
+@pytest.mark.slow
+def test_slow_checkpoint_writes_do_not_stall_training_and_a_second_run_is_refused(tmp_path):
+    """Every write sleeps 3 s in Orbax's background thread: the loop steps on meanwhile, each
+    save waits for the one before, the last one is waited for at exit. A second `--resume`
+    into the folder while this run lives is refused, and changes nothing."""
+    out = tmp_path / "run"
+    slow = {SLOW_WRITE_ENV: "3"}
+    args = ("--epochs", "1", "--checkpoint-every", "8", "--log-every", "1")
+    run = Run(out, *args, env=slow)
+    deadline = time.monotonic() + 300
+    while not (out / "run.lock").is_file() or not (out / "config.json").is_file():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.text()[-3000:]
+        time.sleep(0.05)
+    config = (out / "config.json").read_bytes()
+    second = Run(out, *args, "--resume")
+    assert second.wait() == 2
+    assert second.message() == (
+        f"deit train: error: {out} is in use by a live run (pid {run.proc.pid} on host "
+        f"{os.uname().nodename}, since "
+        + second.message().partition(", since ")[2].partition(")")[0]
+        + "); wait for it to end, or choose another --output"
+    )
+    assert (out / "config.json").read_bytes() == config
+    assert json.loads((out / "run.lock").read_text())["pid"] == run.proc.pid
+    # While checkpoint 8 is being written (its temporary folder), steps after it are logged.
+    stepped_on = False
+    while run.proc.poll() is None and not stepped_on:
+        writing = list((out / "checkpoints").glob("8.orbax-checkpoint-tmp*"))
+        logged = logged_losses(out) if (out / "metrics.jsonl").is_file() else {}
+        stepped_on = bool(writing) and max(logged, default=0) >= 10
+        time.sleep(0.05)
+    assert stepped_on, run.text()[-3000:]
+    run.finish()
+    assert finished_steps(out) == [8, 16, STEPS_PER_EPOCH]  # none dropped, the last waited for
+    ckpts = Checkpoints(out / "checkpoints")
+    assert all(ckpts.problem(s) is None for s in (8, 16, STEPS_PER_EPOCH))
+    ckpts.close()
+    assert not (out / "run.lock").exists()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -41,18 +42,37 @@ def _table(summary: dict) -> str:
 
 def cmd_train(argv: list[str]) -> None:
     from deit import cli_train, parallel
+    from deit.train import Interrupted
 
     cfg, cmd = cli_train.parse(argv)
     if cmd.print_config:
         print(cli_train.print_config(cfg))
         return
-    parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id)
+    again = [*argv, *([] if cmd.resume else ["--resume"])]
+
+    def lost(message: str) -> None:  # the watchdog's thread; the process ends right after
+        print(
+            f"deit train: error: {message}; continue the run by starting every process again "
+            f"with --resume (each with its own --process-id): deit train {shlex.join(again)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id, cfg.parallel, lost)
     from deit.run import finetune, train_and_evaluate
 
-    if cfg.finetune:
-        summary = finetune(cfg, cfg.finetune, resume=cmd.resume)
-    else:
-        summary = train_and_evaluate(cfg, resume=cmd.resume)
+    try:
+        if cfg.finetune:
+            summary = finetune(cfg, cfg.finetune, resume=cmd.resume)
+        else:
+            summary = train_and_evaluate(cfg, resume=cmd.resume)
+    except (InputError, Interrupted, FloatingPointError):
+        raise  # every process stops with these, together
+    except Exception:
+        parallel.await_verdict()  # a lost process, if that is the cause, is named instead
+        raise
+    finally:
+        parallel.finish()
     import jax
 
     if jax.process_index() == 0:
@@ -342,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception as err:
+        from deit import diskspace
+
+        if isinstance(err, OSError) and diskspace.is_no_space(err):  # the machine's state
+            if debug:
+                traceback.print_exc()
+            print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(
             f"deit {command}: internal error: this is a bug in deit, not in what you gave it; "

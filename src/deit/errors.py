@@ -7,3 +7,8 @@ as one line with exit 2, and reports any other exception as a bug with its trace
 
 class InputError(ValueError):
     """The input (a setting, a file, a folder, an array) is not what the library expected."""
+
+
+class NoSpaceError(InputError):
+    """A write (a checkpoint, an exported model) did not fit on its filesystem: what the user
+    fixes by freeing space, then resuming. The message names the folder and the bytes needed."""

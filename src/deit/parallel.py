@@ -9,7 +9,12 @@ cluster auto-detection JAX ships (SLURM, Open MPI, TPU pods, ...).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,24 +23,39 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit import data as data_lib
+from deit.configs import ParallelConfig
 from deit.errors import InputError
 
 AXIS = "data"
 
 
 def initialize(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeouts: ParallelConfig | None = None,
+    on_lost: Callable[[str], None] | None = None,
 ) -> None:
     """Join a multi-process run before any other JAX call, when there is one to join.
 
     Explicit arguments win; otherwise `DEIT_COORDINATOR`, `DEIT_NUM_PROCESSES`, `DEIT_PROCESS_ID`;
-    otherwise JAX's auto-detection when a cluster environment (SLURM, ...) is present.
+    otherwise JAX's auto-detection when a cluster environment (SLURM, ...) is present. With
+    several processes a `Watchdog` then watches the others (`timeouts.heartbeat_timeout`); when
+    one is lost it calls `on_lost(message)` and ends this process (`LOST_EXIT`).
     """
+    timeouts = timeouts or ParallelConfig()
     coordinator = coordinator or os.environ.get("DEIT_COORDINATOR")
     if num_processes is None and "DEIT_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["DEIT_NUM_PROCESSES"])
     if process_id is None and "DEIT_PROCESS_ID" in os.environ:
         process_id = int(os.environ["DEIT_PROCESS_ID"])
+    runtime = {
+        "initialization_timeout": timeouts.init_timeout,
+        # JAX aborts every process (a C++ stack dump) when its heartbeats fail: later than the
+        # watchdog, which names the lost process first.
+        "heartbeat_timeout_seconds": timeouts.heartbeat_timeout + 30,
+        "shutdown_timeout_seconds": timeouts.shutdown_timeout,
+    }
     if coordinator or num_processes or process_id is not None:
         if not (coordinator and num_processes and process_id is not None):
             raise InputError(
@@ -44,9 +64,99 @@ def initialize(
             )
         if not 0 <= process_id < num_processes:
             raise InputError(f"process_id {process_id} is outside [0, {num_processes})")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id, **runtime)
     elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**runtime)
+    else:
+        return
+    global _watchdog
+    _watchdog = Watchdog(timeouts.heartbeat_timeout, on_lost)
+    _watchdog.start()
+
+
+LOST_EXIT = 4  # the exit status of a process that stops because another one was lost
+_watchdog: Watchdog | None = None
+
+
+class Watchdog(threading.Thread):
+    """Each process's heartbeat in JAX's key-value store, and the others' watched: a process
+    whose count stops for `timeout` s is lost. Then this process cannot go on (its next
+    collective fails or hangs, Orbax's barriers time out), so it says which one was lost and
+    exits at once, from this thread, whatever the main thread is stuck in.
+
+    A process that lost the coordinator (process 0, which holds the store) is ended by JAX
+    itself, at once: its runtime aborts when it loses its link to the coordinator."""
+
+    def __init__(self, timeout: float, on_lost: Callable[[str], None] | None) -> None:
+        super().__init__(name="deit-watchdog", daemon=True)
+        from jax._src import distributed  # the runtime's client: no public handle in jax 0.10
+
+        self.client = distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.timeout = timeout
+        self.interval = min(max(timeout / 10, 0.2), 5.0)
+        self.on_lost = on_lost
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        beat = 0
+        now = time.monotonic()
+        seen = {j: ("", now) for j in range(self.count) if j != self.me}
+        failing_since = None
+        while not self.done.wait(self.interval):
+            beat += 1
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(f"deit/alive/{self.me}", str(beat), allow_overwrite=True)
+                beats = dict(self.client.key_value_dir_get("deit/alive/"))
+                failing_since = None
+            except Exception:  # the store is unreachable: the coordinator is lost
+                failing_since = failing_since or now
+                if now - failing_since > self.timeout:
+                    self._lost([0])
+                continue
+            for j, (value, _) in seen.items():
+                current = beats.get(f"deit/alive/{j}", beats.get(str(j), ""))
+                if current == "done":
+                    seen[j] = ("done", float("inf"))
+                elif current != value:
+                    seen[j] = (current, now)
+            lost = [j for j, (_, since) in seen.items() if now - since > self.timeout]
+            if lost:
+                self._lost(lost)
+
+    def _lost(self, lost: list[int]) -> None:
+        which = ", ".join(map(str, lost))
+        message = (
+            f"process {which} of the {self.count} processes was lost (no sign of life for "
+            f"{self.timeout:g} s); process {self.me} stops too, the checkpoints written so far "
+            "are kept"
+        )
+        if self.on_lost is not None:
+            self.on_lost(message)
+        else:
+            sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os._exit(LOST_EXIT)
+
+    def finish(self) -> None:
+        """This process is done: the others stop watching it; it stops watching them."""
+        self.done.set()
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(f"deit/alive/{self.me}", "done", allow_overwrite=True)
+
+
+def finish() -> None:
+    """Mark this process as done (it may now exit before the others)."""
+    if _watchdog is not None:
+        _watchdog.finish()
+
+
+def await_verdict() -> None:
+    """After an error in a multi-process run: give the watchdog the time to find a lost
+    process, the likely cause (it then ends this process); returns when it finds none."""
+    if _watchdog is not None and _watchdog.is_alive():
+        _watchdog.done.wait(_watchdog.timeout + 3 * _watchdog.interval)
 
 
 def make_mesh() -> Mesh:

@@ -21,6 +21,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from deit import diskspace
+
 
 class RunLogger:
     def __init__(self, out: Path, *, title: str, total_steps: int, enabled: bool = True) -> None:
@@ -50,8 +52,14 @@ class RunLogger:
             self.progress.update(self.task, completed=step)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        line = json.dumps(record) + "\n"
+        try:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        except OSError as err:
+            if diskspace.is_no_space(err):
+                raise diskspace.no_space(self.jsonl.name, len(line)) from None
+            raise
 
     def log_start(self, values: dict[str, float]) -> None:
         if self.enabled:

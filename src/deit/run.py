@@ -4,6 +4,7 @@ exported model. Evaluating and predicting with an exported model: `evaluate.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from deit.evaluate import make_teacher_eval_step, run_eval
 from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
+from deit.runlock import RunLock
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.train import fit
 from deit.variants import VARIANTS
@@ -125,6 +127,14 @@ def train_and_evaluate(
     count, see `adapt_params`) and starts from its weights instead of a fresh init.
     """
     out = Path(cfg.output).absolute()
+    # Process 0 writes the folder's files: before it writes any, no other live run may hold it.
+    with RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_and_evaluate(cfg, out, resume, pretrained)
+
+
+def _train_and_evaluate(
+    cfg: TrainConfig, out: Path, resume: bool, pretrained: Pretrained | None
+) -> dict[str, Any]:
     if jax.process_index() == 0 and (resume or not (out / "config.json").exists()):
         # Before the teacher phase, so that `resume` finds the run's settings from the start.
         out.mkdir(parents=True, exist_ok=True)

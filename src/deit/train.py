@@ -26,11 +26,11 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
-from deit import configs, export, parallel
+from deit import configs, diskspace, export, parallel
 from deit import data as data_lib
 from deit import evaluate as eval_lib
 from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
-from deit.checkpoint import Checkpoints, abstract_like
+from deit.checkpoint import Checkpoints, abstract_like, least_free, state_bytes
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
 from deit.errors import InputError
@@ -179,15 +179,41 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _check_finite(values: dict[str, float], step: int, ckpts: Checkpoints) -> None:
-    """Stop before a non-finite state can be checkpointed (the last one written stays good)."""
-    if not np.isfinite(values["loss"]):
+def with_finite_flag(
+    step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array], jax.Array]]:
+    """`step(state, batch, teacher, first_bad) -> (state, metrics, first_bad)`: `first_bad`, an
+    int32 scalar kept on the device (-1 while all is well), becomes the first step whose loss
+    or new parameters are not finite, and stays so. The loop reads it only where it waits for
+    the device anyway (a log step, before a save or an export), so the check costs no host
+    sync per step, and yet names the step where it went wrong, not the step it was seen at."""
+
+    def step(
+        state: TrainState, batch: dict[str, jax.Array], teacher: Teacher | None, first_bad: Any
+    ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+        new, metrics = step_fn(state, batch, teacher)
+        leaves = jax.tree_util.tree_leaves(new.params)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+            jnp.stack([jnp.isfinite(x).all() for x in leaves])
+        )
+        first_bad = jnp.where((first_bad < 0) & ~finite, new.step, first_bad)
+        return new, metrics, first_bad
+
+    return step
+
+
+def _check_finite(first_bad: jax.Array, ckpts: Checkpoints) -> None:
+    """Stop before a non-finite state can be checkpointed or exported (the last checkpoint
+    written stays good); a host sync, done only where the loop waits for the device anyway."""
+    bad = int(first_bad)
+    if bad >= 0:
         ckpts.wait()
         last = ckpts.latest_step()
         raise FloatingPointError(
-            f"loss is {values['loss']} at step {step}; stopped without saving it. The last good "
-            f"checkpoint (step {last}) is in {ckpts.directory}. Lower optim.base_lr or set "
-            "optim.clip_grad_norm, then resume the run"
+            f"the loss or the parameters became non-finite (NaN/inf) at step {bad}; stopped "
+            f"without saving them. The last good checkpoint (step {last}) is in "
+            f"{ckpts.directory}. Lower optim.base_lr or set optim.clip_grad_norm, then resume "
+            "the run"
         )
 
 
@@ -279,6 +305,12 @@ def fit(
             f"{out} already holds a run (checkpoint at step {latest}); resume it or choose "
             "another output folder"
         )
+    if latest is not None:
+        try:  # the newest intact one: a truncated or changed file falls back, with one line
+            latest = ckpts.usable_step()
+        except BaseException:
+            ckpts.close()
+            raise
     if jax.process_index() == 0:  # what this run uses, whatever the caller derived it from
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
@@ -321,11 +353,12 @@ def fit(
                 teacher, parallel.state_shardings(teacher, mesh, cfg.parallel.fsdp)
             )
         train_step = jax.jit(
-            make_train_step(model, tx, schedule, step_cfg),
-            donate_argnums=0,
-            out_shardings=(shardings, None),
+            with_finite_flag(make_train_step(model, tx, schedule, step_cfg)),
+            donate_argnums=(0, 3),
+            out_shardings=(shardings, None, parallel.replicated(mesh)),
             compiler_options=compiler_options(model.dtype),
         )
+        first_bad = jax.device_put(jnp.int32(-1), parallel.replicated(mesh))
         eval_step = jax.jit(
             make_eval_step(model, step_cfg.mean, step_cfg.std),
             compiler_options=compiler_options(model.dtype),
@@ -360,6 +393,7 @@ def fit(
                 evaluated += 1
                 if evaluated < eval_steps:
                     continue
+                _check_finite(first_bad, ckpts)  # before its results, the best/ export, the save
                 results = {split: eval_lib.finish(t) for split, t in totals.items()}
                 totals, evaluated = {}, 0
                 logger.log_eval(step, epoch, results)
@@ -376,7 +410,9 @@ def fit(
                 tick, seen = time.perf_counter(), 0
                 continue
             del batch["mask"]
-            state, metrics = train_step(state, parallel.put_batch(batch, mesh), teacher)
+            state, metrics, first_bad = train_step(
+                state, parallel.put_batch(batch, mesh), teacher, first_bad
+            )
             step += 1
             seen += global_batch
             logger.advance(step)
@@ -386,18 +422,19 @@ def fit(
             stopping = stop.requested is not None and not last
             saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
             if saving or step % cfg.log_every == 0 or last:
+                _check_finite(first_bad, ckpts)
+                if saving:  # first: a full disk is then reported as the save's
+                    ckpts.save(step, state, meta(best, epoch), wait=stopping)
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(values, step, ckpts)
                 now = time.perf_counter()
                 values["img_per_s"] = seen / max(now - tick, 1e-9)
                 values["bad_images"] = bad.count
                 tick, seen = now, 0
                 logger.log_train(step, epoch, values)
-            if saving:
-                ckpts.save(step, state, meta(best, epoch), wait=stopping)
             if stopping:
                 raise Interrupted(stop.requested, step, out)
         ckpts.wait()
+        _check_finite(first_bad, ckpts)
         if not results:  # resumed a finished run: evaluate what it ended with
             results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
         _export(out / "final", model, state, False, train_src, cfg, extra_meta)
@@ -424,17 +461,25 @@ def _export(
     variables = {"params": state.ema_params if ema else state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
+    # Every process stops together when the weights would not fit (the allgather after this is
+    # a collective); the folder's old files stay until new ones are written whole.
+    diskspace.check(folder, state_bytes(variables), least_free(folder.parent))
     # Collective: every process takes part in gathering FSDP shards / remote replicas.
     variables = multihost_utils.process_allgather(variables, tiled=True)
     if jax.process_index() != 0:
         return
-    export.save_model(
-        folder,
-        model,
-        variables,
-        classes=source.classes,
-        **export.Preprocessing.from_data(cfg.data).to_config(),
-        ema=ema,
-        **(extra or {}),
-    )
-    (folder / "train_config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))
+    try:
+        export.save_model(
+            folder,
+            model,
+            variables,
+            classes=source.classes,
+            **export.Preprocessing.from_data(cfg.data).to_config(),
+            ema=ema,
+            **(extra or {}),
+        )
+        (folder / "train_config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))
+    except OSError as err:
+        if diskspace.is_no_space(err):
+            raise diskspace.no_space(folder, state_bytes(variables)) from None
+        raise
