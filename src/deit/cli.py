@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -48,11 +49,28 @@ def cmd_train(argv: list[str]) -> None:
         return
     parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id)
     from deit.run import finetune, train_and_evaluate
+    from deit.signals import Interrupted
 
-    if cfg.finetune:
-        summary = finetune(cfg, cfg.finetune, resume=cmd.resume)
-    else:
-        summary = train_and_evaluate(cfg, resume=cmd.resume)
+    why = cli_train.recipe_reason(argv)
+    try:
+        if cfg.finetune:
+            summary = finetune(cfg, cfg.finetune, resume=cmd.resume, why=why)
+        else:
+            summary = train_and_evaluate(cfg, resume=cmd.resume, why=why)
+    except Interrupted as stop:
+        # The launch flags are not in config.json: a multi-host run needs them again.
+        launch = [
+            f"{flag} {value}"
+            for flag, value in (
+                ("--coordinator", cmd.coordinator),
+                ("--num-processes", cmd.num_processes),
+                ("--process-id", cmd.process_id),
+            )
+            if value is not None
+        ]
+        if stop.resume and launch:
+            stop.resume += " " + " ".join(launch)
+        raise
     import jax
 
     if jax.process_index() == 0:
@@ -320,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("DEIT_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv) if argv[:1] != ["train"] else None
-    from deit.train import Interrupted
+    from deit.signals import Interrupted
 
     command = "train" if args is None else args.command
     try:
@@ -332,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"deit {command}: {stop}", file=sys.stderr)
         return 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C where nothing listens for it (start-up, imports)
+        print(f"deit {command}: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     except FloatingPointError as err:
         if debug:
             traceback.print_exc()
@@ -356,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
 # A setting named in a library message (`optim.base_lr`) is shown as its flag (`--optim.base-lr`).
 _SETTING = re.compile(
     r"(?<![\w./-])(?:model|data|mixup|erasing|loss|optim|ema|teacher|parallel)(?:\.[a-z_]+)+\b"
+)
+
+# The run's own settings (`TrainConfig`'s top level) that messages name.
+_TOP_SETTING = re.compile(
+    r"(?<![\w./-])(?:batch_size|log_every|checkpoint_every|keep_checkpoints)\b"
 )
 
 
@@ -390,10 +416,12 @@ def _user_message(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     flag = lambda m: "--" + m[0].replace("_", "-") if m[0] in _settings() else m[0]
     text = _SETTING.sub(flag, text)
+    text = _TOP_SETTING.sub(lambda m: "--" + m[0].replace("_", "-"), text)
     for words, flags in (
         ("resume it", "resume it (--resume)"),
         ("resume the run", "resume the run (--resume)"),
         ("another output folder", "another --output"),
+        ("without resume", "without --resume"),
     ):
         text = text.replace(words, flags)
     return text

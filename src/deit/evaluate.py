@@ -25,6 +25,7 @@ from deit.compiler import compiler_options
 from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
 from deit.model import forward
+from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 from deit.transforms import decode_image
 
@@ -139,8 +140,11 @@ def run_eval(
     data_cfg: data_lib.DataConfig,
     mesh: Any,
     global_batch: int,
+    phase: str = "evaluation",
 ) -> dict[str, dict[str, float]]:
-    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`)."""
+    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`).
+
+    SIGINT/SIGTERM stop it between batches: `Interrupted` naming `phase`."""
     batches = data_lib.eval_batches(
         source,
         data_cfg,
@@ -153,8 +157,14 @@ def run_eval(
         parallel.take_bad(batch, source, data_cfg.bad_images)
         return parallel.put_batch(batch, mesh)
 
-    with batches:
-        return evaluate(step_fn, map(on_mesh, batches))
+    stop = StopSignals()
+    try:
+        return evaluate(step_fn, map(on_mesh, stop.batches(batches)))
+    except Stop:
+        raise Interrupted(stop.requested, phase) from None
+    finally:
+        batches.close(now=stop.requested is not None)
+        stop.restore()
 
 
 def weight_sets(state: TrainState) -> dict[str, Any]:
