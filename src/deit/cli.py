@@ -296,7 +296,11 @@ COMMANDS = {
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it)."""
+    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it), with the
+    settings a message names shown as their flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _as_flags(super().format(record))
 
     @property
     def stream(self) -> Any:
@@ -334,6 +338,7 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # the `deit` command itself, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("DEIT_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -349,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Interrupted as stop:
         print(f"deit {command}: {stop}", file=sys.stderr)
+        if program:
+            # Everything is saved and closed; the interpreter's teardown (XLA's runtime, the
+            # data workers' leftovers) takes seconds on a busy machine, which a user who
+            # pressed Ctrl-C would wait through for nothing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + stop.signum)
         return 128 + stop.signum
     except KeyboardInterrupt:  # Ctrl-C where nothing listens for it (start-up, imports)
         print(f"deit {command}: stopped by SIGINT", file=sys.stderr)
@@ -414,6 +426,11 @@ def _user_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
         return f"{err.strerror}: {err.filename}"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return _as_flags(text)
+
+
+def _as_flags(text: str) -> str:
+    """A library message with the settings it names (`optim.base_lr`) as their flags."""
     flag = lambda m: "--" + m[0].replace("_", "-") if m[0] in _settings() else m[0]
     text = _SETTING.sub(flag, text)
     text = _TOP_SETTING.sub(lambda m: "--" + m[0].replace("_", "-"), text)

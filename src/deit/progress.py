@@ -132,8 +132,8 @@ class RunLogger:
         if not self._estimated:
             self._estimated = True
             self._say(
-                f"[{self.title}] {per_step:.3g} s/step over the first {step - first} timed "
-                f"steps: about {duration(left)} for the {self.total - step} left (evaluations "
+                f"[{self.title}] {per_step:.3g} s/step over {step - first} step(s) after the "
+                f"first: about {duration(left)} for the {self.total - step} left (evaluations "
                 "not included)"
             )
         return duration(left)

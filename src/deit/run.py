@@ -191,7 +191,7 @@ def announce(
         ("output", str(out)),
     ]
     if jax.process_index() == 0:
-        progress.say(f"deit train: {cfg.model.name} on {cfg.data.dataset}", cfg.progress)
+        progress.say(f"training {cfg.model.name} on {cfg.data.dataset}:", cfg.progress)
         progress.header(rows, cfg.progress)
     trains_teacher = (
         cfg.loss.distillation != "none"

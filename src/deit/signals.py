@@ -130,7 +130,8 @@ class StopSignals:
         self.restore()
 
 
-def ignore_in_worker() -> None:
-    """For data worker processes: the parent alone decides when to stop (it closes them)."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def ignore_in_worker(*_: int) -> None:
+    """For data worker processes (grain's `worker_init_fn`, called with the worker's index and
+    count): Ctrl-C reaches the whole process group, and the parent alone decides what stops (it
+    closes them). SIGTERM keeps its default, so that a parent's `terminate()` still works."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -221,6 +222,16 @@ class _MakeBatch:
         }
 
 
+def _quiet_resource_tracker() -> None:
+    """Workers killed by `Batches.close(now=True)` leave the shared memory of the batches they
+    were making; multiprocessing's resource tracker (a process started with this one's warning
+    options) unlinks it at exit, and without this says so in a warning that would come after,
+    and bury, the run's last message."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+
+
 class Batches:
     """Iterator over elements `start, start + 1, ...` of a `Plan`, yielding `(kind, epoch,
     batch)` (or the bare batches unless `labelled`); worker processes start when it is made.
@@ -242,6 +253,7 @@ class Batches:
             # grain's workers read absl flags, which only absl.app would otherwise parse.
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
+            _quiet_resource_tracker()
             options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
             # Ctrl-C reaches the workers too; the loop, not a KeyboardInterrupt in a worker,
             # decides what stops (and closes them).
