@@ -98,6 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     checkpoint = _checkpoint(args)
     if checkpoint is None:
         raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
+    if args.top < 1:
+        raise InputError(f"--top {args.top}; expected 1 or more classes to show")
     for path, top in zip(args.images, predict(checkpoint, args.images, args.top), strict=True):
         print(path)
         for name, p in top:

@@ -21,6 +21,7 @@ import numpy as np
 from deit import data as data_lib
 from deit import parallel
 from deit.augment import normalize
+from deit.class_names import class_names
 from deit.compiler import compiler_options
 from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
@@ -238,10 +239,13 @@ def evaluate_checkpoint(
 def predict(
     checkpoint: str | Path, images: list[str], top: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
+    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file,
+    named by `class_names` (a run's folders, ImageNet-1k's for converted weights)."""
+    if top < 1:
+        raise InputError(f"top {top}; expected 1 or more classes to show")
     model, variables, config = load_exported(exported_folder(checkpoint))
     prep = Preprocessing.from_config(config, model)
-    classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
+    classes = class_names(config, model.num_classes)
     x = prep.inputs([decode_image(p) for p in images])
     cls, dist, _ = forward(
         model, variables["params"], variables.get("batch_stats", {}), x, train=False
