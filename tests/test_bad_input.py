@@ -323,7 +323,11 @@ def test_pickle_naming_a_disallowed_global_is_refused(layout, tmp_path, capsys):
     [
         (["--batch-size", "7"], "global batch 7 does not divide by the 2 devices; expected a "),
         (["--batch-size", "0"], "--batch-size 0; expected a positive number"),
-        (["--batch-size", "4096"], "1437 images, fewer than the batch 4096"),
+        (
+            ["--batch-size", "4096"],
+            "--batch-size 4096 is larger than the 1437 training images of digits; expected "
+            "--batch-size 1024 or less",
+        ),
         (["--alpha", "-0.1"], "alpha -0.1 is outside [0, 1]"),
         (["--tau", "-2"], "tau -2.0; expected a positive temperature"),
         (["--lr", "0"], "lr 0.0"),

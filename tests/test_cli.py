@@ -41,8 +41,12 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     mtime = (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns
     again = ["train", "--output", str(tmp_path / "run2"), "--teacher", str(out / "teacher")]
     again += ["--epochs", "1", "--model", "deit_test_distilled_patch4_32", "--batch-size", "64"]
-    assert cli.main([*again, "--remat"]) == 0
+    capsys.readouterr()
+    assert cli.main([*again, "--remat", "--quiet"]) == 0
     assert (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns == mtime
+    quiet = capsys.readouterr()
+    assert "[student]" not in quiet.err and "recipe" not in quiet.err  # no header, no progress
+    assert "averaged heads" in quiet.out  # the results still
     exported = json.loads((tmp_path / "run2" / "final" / "config.json").read_text())
     assert exported["fields"]["remat"] is True
     capsys.readouterr()
