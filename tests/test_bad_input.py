@@ -281,7 +281,7 @@ def test_teacher_with_another_class_count(tmp_path, capsys):
     variables = jax.jit(lambda k: teacher.init(k, jnp.zeros((1, 16, 16, 3))))(jax.random.PRNGKey(0))
     folder = tmp_path / "teacher"
     export.save_model(folder, teacher, dict(variables), classes=["a", "b", "c"], img_size=16)
-    root = make_folder(tmp_path / "data")
+    root = make_folder(tmp_path / "data", per_class=4)  # a batch of 8 fits
     argv = train_args(root, tmp_path, "--distillation", "hard", "--teacher", folder)
     err = one_line_error(capsys, argv)
     assert "teacher predicts 3 classes but the student has 2" in err
