@@ -27,6 +27,7 @@ inference is `flops_per_image`, a training step 3× the student's forward plus t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -493,9 +494,28 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     }
 
 
+def missing_reference(cfg: BenchConfig) -> str | None:
+    """Why the timm reference cannot run (torch or timm not installed), or None."""
+    if not cfg.timm:
+        return None
+    absent = [name for name in ("torch", "timm") if importlib.util.find_spec(name) is None]
+    if not absent:
+        return None
+    return (
+        f"bench/speed.py: the timm reference needs {' and '.join(absent)}, which are not "
+        'installed; install the test extra (pip install -e ".[test]") or run without it '
+        "(--no-timm)"
+    )
+
+
 def main(cfg: BenchConfig) -> dict[str, Any]:
     """`run_bench`, then the tables and targets printed and written to `cfg.out` (JSON) and
-    `cfg.markdown`; progress goes to stderr."""
+    `cfg.markdown`; progress goes to stderr. Without torch/timm (and `timm` on) one line on
+    stderr names the extra to install, and the exit status is 2."""
+    problem = missing_reference(cfg)
+    if problem:
+        print(problem, file=sys.stderr)
+        raise SystemExit(2)
     result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     result["command"] = shlex.join(["python", "bench/speed.py", *sys.argv[1:]])
     result["targets"] = speed_report.targets(result)

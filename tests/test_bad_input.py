@@ -281,7 +281,7 @@ def test_teacher_with_another_class_count(tmp_path, capsys):
     variables = jax.jit(lambda k: teacher.init(k, jnp.zeros((1, 16, 16, 3))))(jax.random.PRNGKey(0))
     folder = tmp_path / "teacher"
     export.save_model(folder, teacher, dict(variables), classes=["a", "b", "c"], img_size=16)
-    root = make_folder(tmp_path / "data")
+    root = make_folder(tmp_path / "data", per_class=4)  # a batch of 8 fits
     argv = train_args(root, tmp_path, "--distillation", "hard", "--teacher", folder)
     err = one_line_error(capsys, argv)
     assert "teacher predicts 3 classes but the student has 2" in err
@@ -323,7 +323,11 @@ def test_pickle_naming_a_disallowed_global_is_refused(layout, tmp_path, capsys):
     [
         (["--batch-size", "7"], "global batch 7 does not divide by the 2 devices; expected a "),
         (["--batch-size", "0"], "--batch-size 0; expected a positive number"),
-        (["--batch-size", "4096"], "1437 images, fewer than the batch 4096"),
+        (
+            ["--batch-size", "4096"],
+            "--batch-size 4096 is larger than the 1437 training images of digits; expected "
+            "--batch-size 1024 or less",
+        ),
         (["--alpha", "-0.1"], "alpha -0.1 is outside [0, 1]"),
         (["--tau", "-2"], "tau -2.0; expected a positive temperature"),
         (["--lr", "0"], "lr 0.0"),

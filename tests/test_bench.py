@@ -143,3 +143,16 @@ def test_tiny_run_structure(tmp_path, capsys, bench, bench_report):
 def test_short_names(bench_report):
     assert bench_report.short_name("deit_tiny_distilled_patch16_224") == "DeiT-Ti⚗"
     assert bench_report.short_name("deit_small_patch16_224") == "DeiT-S"
+
+
+def test_without_torch_it_names_the_extra_to_install(monkeypatch, capsys, bench):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(
+        bench.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name)
+    )
+    with pytest.raises(SystemExit) as stop:
+        bench.main(bench.BenchConfig())
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs torch" in err and 'pip install -e ".[test]"' in err
+    assert bench.missing_reference(bench.BenchConfig(timm=False)) is None

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ from PIL import Image
 
 import deit
 from deit import cli, convert, data
+from deit.class_names import imagenet_classes
 
 
 @pytest.mark.slow
@@ -39,8 +41,12 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     mtime = (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns
     again = ["train", "--output", str(tmp_path / "run2"), "--teacher", str(out / "teacher")]
     again += ["--epochs", "1", "--model", "deit_test_distilled_patch4_32", "--batch-size", "64"]
-    assert cli.main([*again, "--remat"]) == 0
+    capsys.readouterr()
+    assert cli.main([*again, "--remat", "--quiet"]) == 0
     assert (out / "teacher" / "final" / "params.safetensors").stat().st_mtime_ns == mtime
+    quiet = capsys.readouterr()
+    assert "[student]" not in quiet.err and "recipe" not in quiet.err  # no header, no progress
+    assert "averaged heads" in quiet.out  # the results still
     exported = json.loads((tmp_path / "run2" / "final" / "config.json").read_text())
     assert exported["fields"]["remat"] is True
     capsys.readouterr()
@@ -65,7 +71,8 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
 
 
 def test_convert_round_trip_from_the_cli(tmp_path, capsys):
-    model = deit.create_model("deit_test_distilled_patch4_32")
+    # 1000 classes, like the official heads: the converted folder predicts ImageNet's names.
+    model = deit.create_model("deit_test_distilled_patch4_32", num_classes=1000)
     params = deit.init_params(model, 3)
     src = tmp_path / "weights.safetensors"
     convert.save_torch(convert.to_torch(params, model), src)
@@ -76,6 +83,11 @@ def test_convert_round_trip_from_the_cli(tmp_path, capsys):
         )
         == 0
     )
+    # Written with the user's umask, like any file they write (not mkstemp's 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("config.json", "params.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     _, variables, _ = deit.export.load_model(out)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     a = model.apply({"params": params}, x).logits
@@ -86,6 +98,19 @@ def test_convert_round_trip_from_the_cli(tmp_path, capsys):
     sd = convert.load_state_dict(back / "model.safetensors")
     np.testing.assert_array_equal(
         sd["head_dist.weight"], convert.to_torch(params, model)["head_dist.weight"]
+    )
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(image)
+    capsys.readouterr()
+    assert cli.main(["predict", "--checkpoint", str(out), "--top", "3", str(image)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    names = [line.split("%", 1)[1].strip() for line in lines[1:]]
+    assert set(names) <= set(imagenet_classes()) and not any(n.isdigit() for n in names)
+    assert cli.main(["predict", "--checkpoint", str(out), "--top", "0", str(image)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "deit predict: error: --top 0; expected 1 or more classes to show"
     )
 
 

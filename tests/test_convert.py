@@ -377,9 +377,16 @@ def test_all_problems_in_one_error(tiny_sd) -> None:
     del sd["blocks.1.norm1.weight"]
     sd["blocks.0.attn.extra.weight"] = np.zeros((3, 3), np.float32)
     sd["head.weight"] = sd["head.weight"][:7]
+    sd["pos_embed"] = sd["pos_embed"][..., :16]  # another width: not resampled
     with pytest.raises(ValueError) as err:
         convert.from_torch(sd, create_model("deit_test_distilled_patch4_32"))
     text = str(err.value)
+    # A wrongly shaped array is listed once, with both shapes (not as missing too).
+    assert [line for line in text.splitlines() if "pos_embed" in line] == [
+        "    pos_embed (1, 66, 16) -> pos_embed (1, 66, 16), the model expects pos_embed "
+        "(1, 66, 32)"
+    ]
+    assert len([line for line in text.splitlines() if "head.weight" in line]) == 1
     for part in (
         "missing",
         "blocks.1.norm1.weight",

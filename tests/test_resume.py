@@ -26,6 +26,7 @@ import pytest
 
 from deit import cli, export, train
 from deit.checkpoint import SLOW_WRITE_ENV, Checkpoints
+from deit.progress import RunLogger
 
 STEPS_PER_EPOCH = 1437 // 64
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
@@ -218,7 +219,7 @@ def test_sigterm_saves_and_says_how_to_resume(reference, compile_cache, tmp_path
     assert run.wait() == 128 + signal.SIGTERM
     message = [line for line in run.text().splitlines() if line.startswith("deit train:")]
     assert len(message) == 1, run.text()[-3000:]
-    stopped = re.search(r"stopped by SIGTERM after step (\d+)", message[0])
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) \(student training", message[0])
     assert stopped, message[0]
     assert f"deit train --resume --output {out.absolute()}" in message[0]
     step = int(stopped.group(1))
@@ -350,8 +351,9 @@ def test_resume_with_another_model_names_the_differing_arrays(reference, tmp_pat
     shutil.copytree(reference.out / "checkpoints", out / "checkpoints")
     argv = ["train", "--output", str(out), *RUN, "--resume", "--model", "deit_test_patch4_32"]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    lines = capsys.readouterr().err.strip().splitlines()  # the header, then the one error
+    err = lines[-1]
+    assert [line for line in lines if line.startswith("deit train:")] == [err], lines
     assert err.startswith("deit train: error: the checkpoint at step 44")
     assert "is of another model" in err
     assert "params/dist_token" in err and "params/pos_embed (1, 18, 32) != (1, 17, 32)" in err
@@ -580,3 +582,96 @@ def test_slow_checkpoint_writes_do_not_stall_training_and_a_second_run_is_refuse
     assert all(ckpts.problem(s) is None for s in (8, 16, STEPS_PER_EPOCH))
     ckpts.close()
     assert not (out / "run.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping in each phase: the hint names the run's own --output, and --resume never guesses
+
+
+def test_resume_with_nothing_saved_is_an_error_naming_the_folder(tmp_path, capsys):
+    typo = tmp_path / "runz"
+    assert cli.main(["train", "--resume", "--output", str(typo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"deit train: error: nothing to resume in {typo}: no checkpoint of a run (it does not "
+        "exist); expected the output folder of a stopped run, or start a new run without --resume"
+    )
+    typo.mkdir()
+    (typo / "config.json").write_text("{}")
+    (typo / "tb").mkdir()
+    assert cli.main(["train", "--resume", "--output", str(typo)]) == 2
+    assert "(it holds config.json, tb/)" in capsys.readouterr().err
+
+
+def _signal_at(monkeypatch, title: str, step: int) -> None:
+    """SIGINT to this process right after `title`'s progress line of `step` (what Ctrl-C does,
+    at a known moment)."""
+    real = RunLogger.log_train
+
+    def log_train(self, at, epoch, values):
+        real(self, at, epoch, values)
+        if self.title == title and at == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(RunLogger, "log_train", log_train)
+
+
+def test_ctrl_c_in_the_teacher_phase_names_the_run_folder(monkeypatch, tmp_path, capsys):
+    """The teacher trains into OUTPUT/teacher; a stop there is resumed with OUTPUT. The same
+    in-process run checks the header, its warnings and the line progress outside a terminal."""
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--model", "deit_test_distilled_patch4_32"]
+    argv += ["--img-size", "16", "--epochs", "1", "--teacher-epochs", "2", "--batch-size", "256"]
+    argv += ["--log-every", "2", "--workers", "0", "--optim.lr", "None", "--lr", "1e-5"]
+    _signal_at(monkeypatch, "teacher", 5)  # the epoch's last step: its evaluation comes next
+    assert cli.main(argv) == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    # Before any work, the header says what will happen, with warnings for what cannot learn.
+    header = "\n".join(err[:12])
+    assert f"teacher    resnet8, trained first for 2 epoch(s) into {out / 'teacher'}" in header
+    assert "data       digits: 10 classes, 1,437 train / 360 val images at 16x16" in header
+    assert "batch      256 global (128 per device), 5 steps per epoch, 1 epochs; lr 5e-06" in header
+    assert "devices    2 cpu device(s), 1 process(es)" in header
+    assert "lr scales to 5e-06" in header and "below 1e-05: training will barely move" in header
+    assert "the teacher trains first for 2 epochs, longer than the student's 1" in header
+    assert "set --optim.lr (an absolute lr)" in header and "set --teacher.optim.epochs" in header
+    # Outside a terminal: plain lines, each naming its phase; the estimate after the first steps.
+    assert "[teacher] epoch 1/2  step 4/10  loss" in "\n".join(err)
+    assert any(
+        line.startswith("[teacher] ") and "s/step over 1 step(s) after the first" in line
+        for line in err
+    )
+    assert err[-1] == (
+        "deit train: stopped by SIGINT after step 5 (teacher evaluation, epoch 1); a checkpoint "
+        f"is saved in {out / 'teacher' / 'checkpoints'}; continue with: deit train --resume "
+        f"--output {out}"
+    )
+    assert finished_steps(out / "teacher") == [5]  # the epoch's state, saved at once
+    assert not (out / "checkpoints").exists()
+
+
+def test_sigint_during_evaluation_with_workers_stops_within_5_s(tmp_path):
+    out = tmp_path / "run"
+    run = Run(out, "--workers", "2", "--checkpoint-every", "1000")
+    deadline = time.monotonic() + 300
+    # The progress line of the last step: the second epoch's evaluation (compiled in the first)
+    # starts now.
+    while f"step {TOTAL_STEPS}/{TOTAL_STEPS}" not in run.text():
+        assert run.proc.poll() is None, run.text()[-3000:]
+        assert time.monotonic() < deadline, run.text()[-3000:]
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = run.wait(timeout=60)
+    took = time.monotonic() - sent
+    assert code == 128 + signal.SIGINT, run.text()[-3000:]
+    assert took < 5, f"{took:.1f} s:\n{run.text()[-3000:]}"
+    last = run.text().strip().splitlines()[-1]  # the hint comes last, nothing buries it
+    assert last == (
+        f"deit train: stopped by SIGINT after step {TOTAL_STEPS} (student evaluation, epoch 2); "
+        f"a checkpoint is saved in {out.absolute() / 'checkpoints'}; continue with: deit train "
+        f"--resume --output {out.absolute()}"
+    )
+    # The trained state of the epoch is saved (the first epoch's end was saved too).
+    assert finished_steps(out) == [STEPS_PER_EPOCH, TOTAL_STEPS]
+    assert "Traceback" not in run.text()

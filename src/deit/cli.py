@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -42,7 +43,6 @@ def _table(summary: dict) -> str:
 
 def cmd_train(argv: list[str]) -> None:
     from deit import cli_train, parallel
-    from deit.train import Interrupted
 
     cfg, cmd = cli_train.parse(argv)
     if cmd.print_config:
@@ -60,13 +60,29 @@ def cmd_train(argv: list[str]) -> None:
 
     parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id, cfg.parallel, lost)
     from deit.run import finetune, train_and_evaluate
+    from deit.signals import Interrupted
 
+    why = cli_train.recipe_reason(argv)
     try:
         if cfg.finetune:
-            summary = finetune(cfg, cfg.finetune, resume=cmd.resume)
+            summary = finetune(cfg, cfg.finetune, resume=cmd.resume, why=why)
         else:
-            summary = train_and_evaluate(cfg, resume=cmd.resume)
-    except (InputError, Interrupted, FloatingPointError):
+            summary = train_and_evaluate(cfg, resume=cmd.resume, why=why)
+    except Interrupted as stop:
+        # The launch flags are not in config.json: a multi-host run needs them again.
+        launch = [
+            f"{flag} {value}"
+            for flag, value in (
+                ("--coordinator", cmd.coordinator),
+                ("--num-processes", cmd.num_processes),
+                ("--process-id", cmd.process_id),
+            )
+            if value is not None
+        ]
+        if stop.resume and launch:
+            stop.resume += " " + " ".join(launch)
+        raise
+    except (InputError, FloatingPointError):
         raise  # every process stops with these, together
     except Exception:
         parallel.await_verdict()  # a lost process, if that is the cause, is named instead
@@ -100,6 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     checkpoint = _checkpoint(args)
     if checkpoint is None:
         raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
+    if args.top < 1:
+        raise InputError(f"--top {args.top}; expected 1 or more classes to show")
     for path, top in zip(args.images, predict(checkpoint, args.images, args.top), strict=True):
         print(path)
         for name, p in top:
@@ -298,7 +316,11 @@ COMMANDS = {
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it)."""
+    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it), with the
+    settings a message names shown as their flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _as_flags(super().format(record))
 
     @property
     def stream(self) -> Any:
@@ -336,11 +358,12 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # the `deit` command itself, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("DEIT_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv) if argv[:1] != ["train"] else None
-    from deit.train import Interrupted
+    from deit.signals import Interrupted
 
     command = "train" if args is None else args.command
     try:
@@ -351,7 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Interrupted as stop:
         print(f"deit {command}: {stop}", file=sys.stderr)
+        if program:
+            # Everything is saved and closed; the interpreter's teardown (XLA's runtime, the
+            # data workers' leftovers) takes seconds on a busy machine, which a user who
+            # pressed Ctrl-C would wait through for nothing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + stop.signum)
         return 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C where nothing listens for it (start-up, imports)
+        print(f"deit {command}: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     except FloatingPointError as err:
         if debug:
             traceback.print_exc()
@@ -385,6 +418,11 @@ _SETTING = re.compile(
     r"(?<![\w./-])(?:model|data|mixup|erasing|loss|optim|ema|teacher|parallel)(?:\.[a-z_]+)+\b"
 )
 
+# The run's own settings (`TrainConfig`'s top level) that messages name.
+_TOP_SETTING = re.compile(
+    r"(?<![\w./-])(?:batch_size|log_every|checkpoint_every|keep_checkpoints)\b"
+)
+
 
 def _settings() -> set[str]:
     """Every dotted path of the config tree (`optim.base_lr`, ...): what may become a flag."""
@@ -415,12 +453,19 @@ def _user_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
         return f"{err.strerror}: {err.filename}"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return _as_flags(text)
+
+
+def _as_flags(text: str) -> str:
+    """A library message with the settings it names (`optim.base_lr`) as their flags."""
     flag = lambda m: "--" + m[0].replace("_", "-") if m[0] in _settings() else m[0]
     text = _SETTING.sub(flag, text)
+    text = _TOP_SETTING.sub(lambda m: "--" + m[0].replace("_", "-"), text)
     for words, flags in (
         ("resume it", "resume it (--resume)"),
         ("resume the run", "resume the run (--resume)"),
         ("another output folder", "another --output"),
+        ("without resume", "without --resume"),
     ):
         text = text.replace(words, flags)
     return text

@@ -77,6 +77,7 @@ ALIASES: dict[str, str | tuple[str, str]] = {
     "--output_dir": "--output",
     "--output-dir": "--output",
     "--fsdp": "--parallel.fsdp",
+    "--quiet": ("--progress", "none"),
 }
 
 
@@ -161,6 +162,24 @@ def _recipe_name(tokens: list[str], file_values: dict[str, Any] | None) -> str:
         return "finetune"
     data = _value(tokens, "--data.dataset")
     return "imagenet" if data and data != "digits" else "digits"
+
+
+def recipe_reason(argv: list[str]) -> str:
+    """Why `deit train ARGV` starts from the recipe it does (`_recipe_name`), for the header."""
+    tokens = _canonical(argv)
+    others = "--recipe " + "|".join(configs.RECIPES)
+    if _value(tokens, "--recipe"):
+        return "given by --recipe"
+    if "--resume" in tokens:
+        return "the resumed run's, from its config.json"
+    if _value(tokens, "--config"):
+        return "from the --config file, or the default for its data"
+    if _value(tokens, "--finetune"):
+        return f"the default with --finetune; {others} for another"
+    data = _value(tokens, "--data.dataset")
+    if data and data != "digits":
+        return f"the default for an image folder: the paper's ImageNet settings; {others}"
+    return f"the default without --data: the built-in digits; {others}"
 
 
 def _flag(path: str) -> str:

@@ -125,6 +125,10 @@ class TrainConfig:
     """Steps between checkpoints (one is also written at every epoch's end)."""
     keep_checkpoints: int = 3
     """Checkpoints kept (the newest ones)."""
+    progress: Literal["auto", "bars", "lines", "none"] = "auto"
+    """How the run reports on stderr: bars (rich, for a terminal), lines (one flushed line per
+    log_every steps and per epoch, for logs), none (`--quiet`: warnings and the results only);
+    auto: bars in a terminal, else lines."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:

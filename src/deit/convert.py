@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from deit import export
+from deit.class_names import IMAGENET, IMAGENET_CLASSES
 from deit.errors import InputError
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.torch_pickle import load_state_dict, save_torch
@@ -231,6 +232,7 @@ def from_torch(
     prefix_in_file = 2 if "dist_token" in state_dict else 1
     flat: dict[str, np.ndarray] = {}
     unexpected, wrong = [], []
+    misshapen: set[str] = set()  # listed once, with both shapes, and not as missing too
     for key, value in state_dict.items():
         value = np.asarray(value)
         target = _timm_to_flax(key)
@@ -248,6 +250,7 @@ def from_torch(
                 f"{key} {value.shape}: the checkpoint has {channels} input channels, "
                 f"the model expects in_chans={model.in_chans}"
             )
+            misshapen.add(name)
             continue
         array = _to_flax_layout(value, kind, name.rpartition("/")[2])
         if name == "pos_embed" and _resamplable(array, want, prefix_in_file, model):
@@ -255,9 +258,10 @@ def from_torch(
         if array is None or array.shape != want:
             shown = f" -> {name} {array.shape}" if array is not None else ""
             wrong.append(f"{key} {value.shape}{shown}, the model expects {name} {want}")
+            misshapen.add(name)
             continue
         flat[name] = array.astype(expected[name].dtype)
-    skipped = lambda n: n in flat or (drop_heads and n.startswith(_HEADS))
+    skipped = lambda n: n in flat or n in misshapen or (drop_heads and n.startswith(_HEADS))
     missing = [
         f"{_flax_to_timm(n)[0]} ({n} {s.shape})" for n, s in expected.items() if not skipped(n)
     ]
@@ -382,6 +386,15 @@ def convert_checkpoint(
     params = from_torch(state_dict, model, drop_heads=drop_heads)
     # The registry's eval preprocessing of the variant, at the converted model's size.
     prep = export.Preprocessing.from_config({"variant": name}, model)
+    # The official, timm and HF DeiT heads are ImageNet-1k classifiers: `class_names` then
+    # names their outputs; a head of another size (or fresh heads) is not ImageNet's.
+    imagenet = model.num_classes == IMAGENET_CLASSES and not drop_heads
     return export.save_model(
-        out_dir, model, {"params": params}, source=str(src), variant=name, **prep.to_config()
+        out_dir,
+        model,
+        {"params": params},
+        source=str(src),
+        variant=name,
+        **({"dataset": IMAGENET} if imagenet else {}),
+        **prep.to_config(),
     )

@@ -21,10 +21,12 @@ import numpy as np
 from deit import data as data_lib
 from deit import parallel
 from deit.augment import normalize
+from deit.class_names import class_names
 from deit.compiler import compiler_options
 from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
 from deit.model import forward
+from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 from deit.transforms import decode_image
 
@@ -139,8 +141,11 @@ def run_eval(
     data_cfg: data_lib.DataConfig,
     mesh: Any,
     global_batch: int,
+    phase: str = "evaluation",
 ) -> dict[str, dict[str, float]]:
-    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`)."""
+    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`).
+
+    SIGINT/SIGTERM stop it between batches: `Interrupted` naming `phase`."""
     batches = data_lib.eval_batches(
         source,
         data_cfg,
@@ -153,8 +158,14 @@ def run_eval(
         parallel.take_bad(batch, source, data_cfg.bad_images)
         return parallel.put_batch(batch, mesh)
 
-    with batches:
-        return evaluate(step_fn, map(on_mesh, batches))
+    stop = StopSignals()
+    try:
+        return evaluate(step_fn, map(on_mesh, stop.batches(batches)))
+    except Stop:
+        raise Interrupted(stop.requested, phase) from None
+    finally:
+        batches.close(now=stop.requested is not None)
+        stop.restore()
 
 
 def weight_sets(state: TrainState) -> dict[str, Any]:
@@ -228,10 +239,13 @@ def evaluate_checkpoint(
 def predict(
     checkpoint: str | Path, images: list[str], top: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file."""
+    """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file,
+    named by `class_names` (a run's folders, ImageNet-1k's for converted weights)."""
+    if top < 1:
+        raise InputError(f"top {top}; expected 1 or more classes to show")
     model, variables, config = load_exported(exported_folder(checkpoint))
     prep = Preprocessing.from_config(config, model)
-    classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
+    classes = class_names(config, model.num_classes)
     x = prep.inputs([decode_image(p) for p in images])
     cls, dist, _ = forward(
         model, variables["params"], variables.get("batch_stats", {}), x, train=False

@@ -10,6 +10,7 @@ cluster auto-detection JAX ships (SLURM, Open MPI, TPU pods, ...).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -172,6 +173,16 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def fitting_batch(images: int, mesh: Mesh) -> int:
+    """The largest power of two (else multiple of the device count) at most `images` that
+    divides over every device and process: the batch to suggest for a small data set."""
+    n = math.lcm(mesh.devices.size, jax.process_count())
+    power = 1 << max(images.bit_length() - 1, 0)
+    while power >= n and power % n:
+        power //= 2
+    return power if power >= n and power % n == 0 else max(images // n, 1) * n
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:

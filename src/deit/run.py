@@ -7,23 +7,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from deit import configs, export, parallel, pretrained
+from deit import configs, export, parallel, pretrained, progress
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
 from deit.evaluate import make_teacher_eval_step, run_eval
 from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
-from deit.model import DeiT, create_model, init_params, resample_pos_embed
+from deit.model import DeiT, create_model, init_params, param_count, resample_pos_embed
+from deit.optim import REFERENCE_BATCH, OptimConfig, scaled_lr
 from deit.runlock import RunLock
+from deit.signals import Interrupted, StopSignals
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.train import fit
 from deit.variants import VARIANTS
+
+log = logging.getLogger("deit")
+# A peak lr below this barely moves a network in the epochs a run has (the issue's 40-image
+# folder at batch 16 scaled the recipe's 5e-4 down to 1.6e-5 and stayed at chance).
+LOW_LR = 1e-5
 
 
 def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
@@ -75,6 +84,141 @@ def resolve_teacher(
     return teacher_from_export(final), final
 
 
+def _steps(folder: Path) -> list[int]:
+    """Finished Orbax checkpoints in `folder` (a step folder is renamed to its bare number only
+    once it is complete)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def saved_progress(output: str | Path) -> str | None:
+    """What `deit train --resume --output OUTPUT` would continue from, in words, or None when
+    nothing there can be resumed (no checkpoint of the student or the teacher, no finished
+    teacher or run)."""
+    out = Path(output).absolute()
+    if (out / "final" / export.CONFIG).is_file():
+        return f"a finished run ({out / 'final'})"
+    if steps := _steps(out / "checkpoints"):
+        return f"the student's checkpoint at step {steps[-1]}"
+    if (out / "teacher" / "final" / export.CONFIG).is_file():
+        return "the trained teacher (the student starts)"
+    if steps := _steps(out / "teacher" / "checkpoints"):
+        return f"the teacher's checkpoint at step {steps[-1]}"
+    return None
+
+
+def check_resumable(output: str | Path) -> str:
+    """`saved_progress`, or an InputError naming the folder and what it holds: a resume never
+    silently starts a fresh run (a mistyped output folder would go unnoticed)."""
+    out = Path(output).absolute()
+    found = saved_progress(out)
+    if found is not None:
+        return found
+    if not out.is_dir():
+        held = "it does not exist"
+    else:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        held = f"it holds {shown}" if names else "it is empty"
+    raise InputError(
+        f"nothing to resume in {out}: no checkpoint of a run ({held}); expected the output "
+        "folder of a stopped run, or start a new run without resume"
+    )
+
+
+def _teacher_plan(cfg: TrainConfig, out: Path) -> str:
+    if cfg.loss.distillation == "none":
+        return "none (no distillation)"
+    if cfg.teacher.path is not None:
+        return f"loaded from {cfg.teacher.path}"
+    final = out / "teacher" / "final"
+    if (final / export.CONFIG).is_file():
+        return f"{cfg.teacher.arch}, reused from {final}"
+    steps = _steps(out / "teacher" / "checkpoints")
+    again = f", continuing from its step {steps[-1]}" if steps else ""
+    return (
+        f"{cfg.teacher.arch}, trained first for {cfg.teacher.optim.epochs} epoch(s) into "
+        f"{out / 'teacher'}{again}"
+    )
+
+
+def _lr_text(optim: OptimConfig, batch: int) -> str:
+    lr = scaled_lr(optim, batch)
+    if optim.lr is not None:
+        return f"lr {lr:.3g} (optim.lr)"
+    return f"lr {lr:.3g} (optim.base_lr {optim.base_lr:g} x {batch} / {REFERENCE_BATCH})"
+
+
+def announce(
+    cfg: TrainConfig,
+    student: Any,
+    train_src: data_lib.RecordSource,
+    val_src: data_lib.RecordSource,
+    *,
+    why: str | None = None,
+) -> None:
+    """The run's plan on stderr before any work (`progress.header`), and warnings for settings
+    that make a run that cannot learn (an lr scaled too low, a teacher longer than the student).
+    A batch larger than the training set is an InputError naming the batch that fits."""
+    out = Path(cfg.output).absolute()
+    mesh = parallel.make_mesh()
+    batch, devices = cfg.batch_size, mesh.devices.size
+    if batch > len(train_src):
+        raise InputError(
+            f"batch_size {batch} is larger than the {len(train_src)} training images of "
+            f"{cfg.data.dataset}; expected batch_size "
+            f"{parallel.fitting_batch(len(train_src), mesh)} or less"
+        )
+    size = cfg.data.img_size
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    count = param_count(jax.eval_shape(student.init, jax.random.PRNGKey(0), x)["params"])
+    kind = jax.devices()[0].platform
+    rows = [
+        ("recipe", f"{cfg.recipe}" + (f" ({why})" if why else "")),
+        ("model", f"{cfg.model.name}, {count:,} parameters"),
+        (
+            "data",
+            f"{cfg.data.dataset}: {len(train_src.classes)} classes, {len(train_src):,} train / "
+            f"{len(val_src):,} val images at {size}x{size}",
+        ),
+        ("teacher", _teacher_plan(cfg, out)),
+        (
+            "batch",
+            f"{batch} global ({batch // devices} per device), {len(train_src) // batch} steps "
+            f"per epoch, {cfg.epochs} epochs; {_lr_text(cfg.optim, batch)}",
+        ),
+        ("precision", f"{cfg.model.dtype} compute, float32 parameters"),
+        ("devices", f"{devices} {kind} device(s), {jax.process_count()} process(es)"),
+        ("output", str(out)),
+    ]
+    if jax.process_index() == 0:
+        progress.say(f"training {cfg.model.name} on {cfg.data.dataset}:", cfg.progress)
+        progress.header(rows, cfg.progress)
+    trains_teacher = (
+        cfg.loss.distillation != "none"
+        and cfg.teacher.path is None
+        and not (out / "teacher" / "final" / export.CONFIG).is_file()
+    )
+    lrs = [("optim", cfg.optim)] + (
+        [("teacher.optim", cfg.teacher.optim)] if trains_teacher else []
+    )
+    for name, optim in lrs:
+        lr = scaled_lr(optim, batch)
+        if optim.lr is None and lr < LOW_LR:
+            log.warning(
+                f"warning: the lr scales to {lr:.2g} ({name}.base_lr {optim.base_lr:g} x batch "
+                f"{batch} / {REFERENCE_BATCH}), below {LOW_LR:g}: training will barely move; "
+                f"set {name}.lr (an absolute lr) or a larger {name}.base_lr"
+            )
+    if trains_teacher and cfg.teacher.optim.epochs > cfg.epochs:
+        log.warning(
+            f"warning: the teacher trains first for {cfg.teacher.optim.epochs} epochs, longer "
+            f"than the student's {cfg.epochs}; set teacher.optim.epochs, give a trained "
+            "teacher.path, or loss.distillation none"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
     """An exported DeiT to start a run from: its module, its params and the folder it came from."""
@@ -119,21 +263,42 @@ def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0
 
 
 def train_and_evaluate(
-    cfg: TrainConfig, *, resume: bool = False, pretrained: Pretrained | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    pretrained: Pretrained | None = None,
+    why: str | None = None,
 ) -> dict[str, Any]:
     """`deit train`: data, optional teacher, the student; writes `OUTPUT/results.json`.
 
     With `pretrained` the student is that network (at `cfg`'s image size and the data's class
-    count, see `adapt_params`) and starts from its weights instead of a fresh init.
+    count, see `adapt_params`) and starts from its weights instead of a fresh init. `resume`
+    needs something saved in `cfg.output` (`check_resumable`). `why` says why the recipe was
+    chosen, for the header (`announce`).
+
+    SIGINT/SIGTERM stop every phase (teacher, student, their evaluations) within seconds
+    (`deit.signals`); the `Interrupted` raised names `cfg.output`, the folder to resume,
+    whichever phase stopped.
     """
     out = Path(cfg.output).absolute()
+    if resume:
+        check_resumable(out)
     # Process 0 writes the folder's files: before it writes any, no other live run may hold it.
-    with RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train_and_evaluate(cfg, out, resume, pretrained)
+    with (
+        RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext(),
+        StopSignals(),
+    ):
+        try:
+            return _train_and_evaluate(cfg, out, resume, pretrained, why)
+        except Interrupted as stop:
+            stop.run_output = out
+            saved = saved_progress(out) is not None
+            stop.resume = f"deit train --resume --output {out}" if saved else None
+            raise
 
 
 def _train_and_evaluate(
-    cfg: TrainConfig, out: Path, resume: bool, pretrained: Pretrained | None
+    cfg: TrainConfig, out: Path, resume: bool, pretrained: Pretrained | None, why: str | None
 ) -> dict[str, Any]:
     if jax.process_index() == 0 and (resume or not (out / "config.json").exists()):
         # Before the teacher phase, so that `resume` finds the run's settings from the start.
@@ -161,6 +326,7 @@ def _train_and_evaluate(
             capture=False,
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
+    announce(cfg, student, train_src, val_src, why=why)
     teacher, teacher_path = None, None
     if cfg.loss.distillation != "none":
         teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume)
@@ -201,6 +367,7 @@ def _train_and_evaluate(
             cfg.data,
             mesh,
             cfg.batch_size,
+            phase="the teacher's evaluation",
         )["avg"]
         summary["teacher_path"] = str(teacher_path)
     if jax.process_index() == 0:
@@ -225,7 +392,9 @@ def _variant_at(name: str | None, img_size: int) -> str:
     return same[0] if same else name
 
 
-def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) -> dict[str, Any]:
+def finetune(
+    cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False, why: str | None = None
+) -> dict[str, Any]:
     """`deit train --finetune CKPT`: `train_and_evaluate` from an exported DeiT.
 
     `checkpoint` is a `deit convert` output or a run (its `final/`). The network is the
@@ -247,4 +416,4 @@ def finetune(cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False) 
         data=dataclasses.replace(cfg.data, mean=prep.mean, std=prep.std),
     )
     pretrained = Pretrained(model, variables["params"], str(folder.absolute()))
-    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained)
+    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained, why=why)

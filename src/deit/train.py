@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from deit.losses import LossConfig, deit_loss
 from deit.model import forward
 from deit.optim import EmaConfig, create_optimizer, ema_decay_at, ema_update
 from deit.progress import RunLogger
+from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 
 log = logging.getLogger("deit")
@@ -148,37 +147,6 @@ def make_train_step(
     return train_step
 
 
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
-
-    def __init__(self, signum: int, step: int, output: Path) -> None:
-        self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step}; a checkpoint is saved in {output}/checkpoints; "
-            f"continue with: deit train --resume --output {output}"
-        )
-
-
-class StopSignals:
-    """Turn SIGTERM and SIGINT into a request the loop honours between steps (preemption-safe:
-    the step in flight completes, a checkpoint is written, then the run exits)."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def with_finite_flag(
     step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array], jax.Array]]:
@@ -282,7 +250,8 @@ def fit(
     spe = len(train_src) // global_batch
     if spe == 0:
         raise InputError(
-            f"the training set has {len(train_src)} images, fewer than the batch {global_batch}"
+            f"the training set has {len(train_src)} images, fewer than the batch {global_batch}; "
+            f"expected batch_size {parallel.fitting_batch(len(train_src), mesh)} or less"
         )
     total = cfg.epochs * spe
     tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
@@ -363,23 +332,40 @@ def fit(
             make_eval_step(model, step_cfg.mean, step_cfg.std),
             compiler_options=compiler_options(model.dtype),
         )
-        logger = RunLogger(out, title=title, total_steps=total, enabled=jax.process_index() == 0)
+        logger = RunLogger(
+            out,
+            title=title,
+            total_steps=total,
+            epochs=cfg.epochs,
+            mode=cfg.progress,
+            enabled=jax.process_index() == 0,
+        )
     except BaseException:
         stream.close()
         ckpts.close()
         if logger is not None:
             logger.close()
         raise
-    step = int(state.step)
+    step = saved = int(state.step)
     results: dict[str, Any] = {}
     stop = StopSignals()
+    epoch, evaluating = step // spe, False
     bad = _BadImages()
     eval_steps = -(-len(val_src) // global_batch)
     totals: dict[str, dict[str, dict[str, float]]] = {}
     evaluated = 0
-    tick, seen = time.perf_counter(), 0
+    tick, seen, begin = time.perf_counter(), 0, step
+    interrupted = lambda: Interrupted(
+        stop.requested,
+        f"{title} {'evaluation' if evaluating else 'training'}, epoch {epoch + 1}",
+        step=step,
+        checkpoints=ckpts.directory if step > 0 else None,
+        output=out,
+    )
     try:
-        for kind, epoch, batch in stream:
+        # `stop.batches` raises `Stop` only where the loop waits for a batch: the state is then
+        # that of `step`, complete. An evaluation cut short is not repeated on resume.
+        for kind, epoch, batch in stop.batches(stream):
             source = train_src if kind == "train" else val_src
             bad.add(source, *parallel.take_bad(batch, source, cfg.data.bad_images))
             if started is not None:
@@ -395,7 +381,7 @@ def fit(
                     continue
                 _check_finite(first_bad, ckpts)  # before its results, the best/ export, the save
                 results = {split: eval_lib.finish(t) for split, t in totals.items()}
-                totals, evaluated = {}, 0
+                totals, evaluated, evaluating = {}, 0, False
                 logger.log_eval(step, epoch, results)
                 which = max(results, key=lambda k: results[k]["avg"]["top1"])
                 if results[which]["avg"]["top1"] > best["top1"]:
@@ -403,10 +389,8 @@ def fit(
                     best = {"top1": top1, "epoch": epoch, "weights": which}
                     ema = which == "val_ema"
                     _export(out / "best", model, state, ema, train_src, cfg, extra_meta)
-                stopping = stop.requested is not None
-                ckpts.save(step, state, meta(best, epoch), wait=stopping)
-                if stopping:
-                    raise Interrupted(stop.requested, step, out)
+                ckpts.save(step, state, meta(best, epoch), wait=stop.requested is not None)
+                saved = step
                 tick, seen = time.perf_counter(), 0
                 continue
             del batch["mask"]
@@ -417,29 +401,37 @@ def fit(
             seen += global_batch
             logger.advance(step)
             last = step % spe == 0
-            # The epoch's last step is saved after its evaluation (with the new best), also when
-            # a signal came: saving it here would skip that evaluation on resume.
-            stopping = stop.requested is not None and not last
-            saving = (step % cfg.checkpoint_every == 0 and not last) or stopping
-            if saving or step % cfg.log_every == 0 or last:
+            evaluating = last
+            # The epoch's last step is saved after its evaluation (with the new best); a signal
+            # that comes first stops the run at the next wait (`Stop`, below), which saves it.
+            saving = step % cfg.checkpoint_every == 0 and not last
+            if saving or step % cfg.log_every == 0 or last or step == begin + 1:
                 _check_finite(first_bad, ckpts)
                 if saving:  # first: a full disk is then reported as the save's
-                    ckpts.save(step, state, meta(best, epoch), wait=stopping)
+                    ckpts.save(step, state, meta(best, epoch))
+                    saved = step
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 values["img_per_s"] = seen / max(now - tick, 1e-9)
                 values["bad_images"] = bad.count
                 tick, seen = now, 0
-                logger.log_train(step, epoch, values)
-            if stopping:
-                raise Interrupted(stop.requested, step, out)
+                if step % cfg.log_every == 0 or last or saving:
+                    logger.log_train(step, epoch, values)
+                else:  # the first step, compiled and run: the time estimate starts here
+                    logger.first_step(step)
         ckpts.wait()
         _check_finite(first_bad, ckpts)
         if not results:  # resumed a finished run: evaluate what it ended with
             results = evaluate_state(eval_step, state, val_src, cfg.data, mesh, global_batch)
         _export(out / "final", model, state, False, train_src, cfg, extra_meta)
+    except Stop:
+        _check_finite(first_bad, ckpts)
+        if step > saved:
+            ckpts.save(step, state, meta(best, epoch), wait=True)
+        ckpts.wait()
+        raise interrupted() from None
     finally:
-        stream.close()
+        stream.close(now=stop.requested is not None)
         stop.restore()
         ckpts.close()
         logger.close()

@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from deit.class_names import class_names
 from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
 from deit.layers import LN_EPS
@@ -306,7 +307,7 @@ def visualize_checkpoint(
     output, attn, tokens = forward_with_attention(model, variables, prep.normalize(batch))
     maps = attention_maps(attn, model.grid, model.num_prefix_tokens)
     probs = np.asarray(jax.nn.softmax(output.logits, axis=-1))
-    classes = config.get("classes") or [str(i) for i in range(probs.shape[-1])]
+    classes = class_names(config, probs.shape[-1])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in images]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -33,6 +35,7 @@ from deit.data import index, shards
 from deit.data.config import DataConfig
 from deit.data.sources import BadImageError, RecordSource, digits
 from deit.errors import InputError
+from deit.signals import ignore_in_worker
 from deit.transforms import RandAugment, eval_transform, train_transform
 
 log = logging.getLogger("deit")
@@ -219,13 +222,25 @@ class _MakeBatch:
         }
 
 
+def _quiet_resource_tracker() -> None:
+    """Workers killed by `Batches.close(now=True)` leave the shared memory of the batches they
+    were making; multiprocessing's resource tracker (a process started with this one's warning
+    options) unlinks it at exit, and without this says so in a warning that would come after,
+    and bury, the run's last message."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+
+
 class Batches:
     """Iterator over elements `start, start + 1, ...` of a `Plan`, yielding `(kind, epoch,
     batch)` (or the bare batches unless `labelled`); worker processes start when it is made.
-    `close()` stops them (also before the first batch, and when used as a context manager)."""
+    `close()` stops them (also before the first batch, and when used as a context manager);
+    `close(now=True)` kills them first instead of waiting for their current batches."""
 
     def __init__(self, fn: _MakeBatch, start: int, workers: int, labelled: bool = True) -> None:
         self.plan = fn.plan
+        self._others = set(multiprocessing.active_children())  # processes not ours to kill
         self._k = start
         self._labelled = labelled
         ds = grain.MapDataset.range(start, len(fn.plan)).map(fn)
@@ -238,8 +253,11 @@ class Batches:
             # grain's workers read absl flags, which only absl.app would otherwise parse.
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
+            _quiet_resource_tracker()
             options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-            it = it.mp_prefetch(options)
+            # Ctrl-C reaches the workers too; the loop, not a KeyboardInterrupt in a worker,
+            # decides what stops (and closes them).
+            it = it.mp_prefetch(options, worker_init_fn=ignore_in_worker)
         self._it = iter(it)
         if self._shared:
             self._it.start_prefetch()  # type: ignore[attr-defined]
@@ -261,7 +279,13 @@ class Batches:
             batch = {k: np.array(v) for k, v in batch.items()}
         return (kind, epoch, batch) if self._labelled else batch
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        if now and self._shared:
+            # grain joins its workers one by one, each after the batch it is making (seconds
+            # each on large images); a run that is stopping does not wait for those batches.
+            for proc in set(multiprocessing.active_children()) - self._others:
+                if proc.name.startswith("grain-process-prefetch"):
+                    proc.kill()
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
