@@ -7,6 +7,7 @@ Only process 0 of a multi-host run writes (`enabled=False` elsewhere).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from rich.progress import (
 from rich.text import Text
 
 from deit import diskspace
+
+log = logging.getLogger("deit")
 
 Mode = Literal["auto", "bars", "lines", "none"]
 
@@ -178,10 +181,22 @@ class RunLogger:
         )
 
     def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
-            self.jsonl.close()
-            self.tb.close()
+        if not self.enabled:
+            return
+        self.progress.stop()
+        for stream in (self.jsonl, self.tb):
+            try:
+                stream.close()
+            except OSError as err:
+                # A full disk was already reported by the write that met it (a save, a log
+                # line); the buffered tail of the logs is what is lost, not the run's state.
+                if not diskspace.is_no_space(err):
+                    raise
+                log.warning(f"the end of {_stream_name(stream)} was not written: the disk is full")
+
+
+def _stream_name(stream: Any) -> str:
+    return getattr(stream, "name", None) or f"{stream.logdir} (TensorBoard)"
 
 
 class RateColumn(ProgressColumn):

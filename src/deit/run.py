@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deit import configs, export, parallel, pretrained, progress
+from deit import configs, export, parallel, pretrained, progress, runlock
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
@@ -118,7 +118,9 @@ def check_resumable(output: str | Path) -> str:
     if not out.is_dir():
         held = "it does not exist"
     else:
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        names = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != runlock.LOCK
+        )
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         held = f"it holds {shown}" if names else "it is empty"
     raise InputError(
@@ -281,13 +283,15 @@ def train_and_evaluate(
     whichever phase stopped.
     """
     out = Path(cfg.output).absolute()
-    if resume:
-        check_resumable(out)
+    if resume and not out.is_dir():
+        check_resumable(out)  # said before the lock would create the folder
     # Process 0 writes the folder's files: before it writes any, no other live run may hold it.
     with (
         RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext(),
         StopSignals(),
     ):
+        if resume:  # under the lock: a live run in the folder is named first
+            check_resumable(out)
         try:
             return _train_and_evaluate(cfg, out, resume, pretrained, why)
         except Interrupted as stop:
