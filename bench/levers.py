@@ -50,6 +50,7 @@ FLAGS = {
     "ynn-no-reduce": "--xla_cpu_experimental_ynn_fusion_type=-reduce",
     "ynn-no-reduce-conv": "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution",
     "ynn-off+vw512": YNN_OFF + " --xla_cpu_prefer_vector_width=512",
+    "deit+vw512": "--xla_cpu_prefer_vector_width=512",
 }
 
 
@@ -421,8 +422,9 @@ def lever_flags(
     for rep in range(rounds):
         for label in settings:
             flags = FLAGS[label]
-            # "deit": XLA's defaults plus `deit.compiler`'s per-dtype options; others: flags only.
-            env = dict(os.environ, XLA_FLAGS=flags, DEIT_XLA_OPTIONS=str(int(label == "deit")))
+            # "deit*": the flags plus `deit.compiler`'s per-dtype options; others: flags only.
+            tuned = str(int(label.startswith("deit")))
+            env = dict(os.environ, XLA_FLAGS=flags, DEIT_XLA_OPTIONS=tuned)
             args = [sys.executable, __file__, "_child_flags", "--rounds", "2", "--batches"]
             args += [str(b) for b in batches]
             proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)

@@ -7,6 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 
 import pytest
+from runs import compile_cache, reference  # noqa: F401 -- fixtures of the end-to-end runs
 
 
 @pytest.fixture(autouse=True, scope="session")

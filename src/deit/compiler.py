@@ -26,6 +26,22 @@ import jax.numpy as jnp
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 
 
+# The x86 extensions that decide which kernels XLA:CPU and YNNPACK can use, strongest first.
+ISA_LEVELS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The strongest of `ISA_LEVELS` this CPU has (`/proc/cpuinfo` flags), or "other" (another
+    architecture, an older x86, or no `/proc`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return "other"
+    return next((isa for isa in ISA_LEVELS if isa in flags), "other")
+
+
 @functools.cache
 def _tuned_backend() -> bool:
     if os.environ.get("DEIT_XLA_OPTIONS", "1") == "0":
