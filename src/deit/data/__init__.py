@@ -5,6 +5,7 @@
 - `index`: ImageFolder listing through a cached index (`FolderSource`).
 - `shards`: ArrayRecord shards, packed from a folder and read back (`ShardSource`).
 - `subset`: a stratified labelled fraction of a training split (`Subset`).
+- `survey`: a data set's image count and typical size, for the `small` recipe.
 - `pipeline`: grain over a whole run, bad-image handling, `deit data check`.
 """
 
@@ -23,6 +24,7 @@ from deit.data.pipeline import (
 from deit.data.shards import ShardSource, open_shards, pack
 from deit.data.sources import BadImageError, RecordSource, Source, arrays, digits
 from deit.data.subset import Subset, stratified_indices
+from deit.data.survey import DataSurvey
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "BadImageError",
     "DataConfig",
+    "DataSurvey",
     "FolderSource",
     "Plan",
     "RecordSource",
