@@ -57,3 +57,14 @@ def test_a_run_trains_on_the_subset_and_validates_on_everything():
     assert train.labels[5] == full_train.labels[i]
     again = pickle.loads(pickle.dumps(train))  # what a grain worker receives
     assert np.array_equal(again.labels, train.labels) and again.classes == full_train.classes
+
+
+def test_repeats_make_an_epoch_of_the_subset_as_long_as_the_whole_split():
+    full, _ = data.load_sources(data.DataConfig())
+    train, _ = data.load_sources(data.DataConfig(label_fraction=0.1, subset_repeats=10))
+    assert len(train) == 10 * len(train.picked) and abs(len(train) - len(full)) < 20
+    assert set(train.indices) == set(train.picked)
+    assert np.array_equal(np.bincount(train.labels), 10 * np.bincount(full.labels[train.picked]))
+    # Each labelled image appears 10 times in an epoch's order, nothing else does.
+    order = data.epoch_order(len(train), 0, seed=0, global_batch=len(train), repeats=1)
+    assert np.array_equal(np.bincount(train.indices[order.ravel()])[train.picked], [10] * 142)

@@ -56,10 +56,9 @@ def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
         train, val = shards.open_shards(cfg.dataset)
     else:
         train, val = index.image_folder(cfg.dataset)
-    if cfg.label_fraction < 1.0:
-        train = subset.Subset(
-            train, subset.stratified_indices(train.labels, cfg.label_fraction, cfg.subset_seed)
-        )
+    if cfg.label_fraction < 1.0 or cfg.subset_repeats > 1:
+        keep = subset.stratified_indices(train.labels, cfg.label_fraction, cfg.subset_seed)
+        train = subset.Subset(train, keep, cfg.subset_repeats)
         log.info(subset.describe(train, cfg.label_fraction, cfg.subset_seed))
     return train, val
 

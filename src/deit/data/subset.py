@@ -35,14 +35,16 @@ def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.nda
 
 @dataclass
 class Subset:
-    """Records `indices` of `source` as a source of their own (pickles as the source and the
-    indices, so grain workers read it as they read the source)."""
+    """Records `indices` of `source` as a source of their own, each `repeats` times (pickles as
+    the source and the indices, so grain workers read it as they read the source)."""
 
     source: RecordSource
     indices: np.ndarray
+    repeats: int = 1
 
     def __post_init__(self) -> None:
-        self.indices = np.asarray(self.indices, np.int64)
+        self.picked = np.asarray(self.indices, np.int64)
+        self.indices = np.tile(self.picked, self.repeats)
         self.classes: list[str] = self.source.classes
         self._labels = np.asarray(self.source.labels, np.int32)[self.indices]
 
@@ -62,8 +64,9 @@ class Subset:
 
 def describe(subset: Subset, fraction: float, seed: int) -> str:
     """One line: how many records of how many were kept, the fewest and most per class."""
-    counts = np.bincount(subset.labels, minlength=len(subset.classes))
+    counts = np.bincount(subset.labels[: len(subset.picked)], minlength=len(subset.classes))
+    again = f", each {subset.repeats} times per epoch" if subset.repeats > 1 else ""
     return (
-        f"label_fraction {fraction:g} (subset_seed {seed}): {len(subset):,} of "
-        f"{len(subset.source):,} training images, {counts.min()}-{counts.max()} per class"
+        f"label_fraction {fraction:g} (subset_seed {seed}): {len(subset.picked):,} of "
+        f"{len(subset.source):,} training images, {counts.min()}-{counts.max()} per class{again}"
     )
