@@ -48,12 +48,16 @@ HERE = Path(__file__).parent
 METHODS = ("none", "soft", "hard")
 NAMES = {"none": "no distillation", "soft": "soft", "hard": "hard"}
 
-# Seconds on the project's 2-core machine, measured with `--quick` while another session's
-# benchmarks shared the cores (so an upper bound): a run's fixed cost (start, compile from the
-# persistent cache after the first, final evaluation, exports, the token pass) and per step.
-FIXED_S = {"teacher": 6.0, "student": 10.0}
-STEP_S = {"teacher": 0.12, "student": 0.16}
-EPOCH_S = 0.8  # an evaluation of the validation set and a checkpoint at each epoch's end
+# Seconds on the project's 2-core machine (Intel Xeon), measured with one cell of the default
+# study (`--fractions 0.1 --seeds 0`: teacher 32 s, hard student 58 s, soft 50 s, compiles
+# included) and `--quick`, while another session's tests shared the cores: a run's fixed cost
+# (start, exports, the final evaluation, the token pass), each step, each epoch's end (an
+# evaluation of the validation set and a checkpoint), and the first compile of each of the four
+# programs (teacher, none, soft, hard; later runs take them from the persistent cache).
+FIXED_S = {"teacher": 3.0, "student": 6.0}
+STEP_S = {"teacher": 0.08, "student": 0.16}
+EPOCH_S = {"teacher": 0.3, "student": 0.5}
+COMPILE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -167,13 +171,14 @@ def token_story(folder: Path, images: list[np.ndarray]) -> dict[str, Any]:
     return {**sim, "agreement": float(agree.mean() * 100)}
 
 
-def estimate(study: Study, cfg: TrainConfig, todo: dict[str, int]) -> float:
-    """Seconds for `todo` runs of each kind, from the constants above."""
-    steps = len(data_lib.load_sources(dataclasses.replace(cfg.data, label_fraction=1.0))[0])
-    per_epoch = steps // study.batch_size
-    total = 0.0
+def estimate(study: Study, cfg: TrainConfig, todo: dict[str, int], first: bool) -> float:
+    """Seconds for `todo` runs of each kind, from the constants above (`first`: nothing has
+    been compiled yet)."""
+    train, _ = data_lib.load_sources(dataclasses.replace(cfg.data, label_fraction=1.0))
+    per_epoch = len(train) // study.batch_size
+    total = COMPILE_S if first else 0.0
     for kind, epochs in (("teacher", study.teacher_epochs), ("student", study.epochs)):
-        each = FIXED_S[kind] + epochs * (per_epoch * STEP_S[kind] + EPOCH_S)
+        each = FIXED_S[kind] + epochs * (per_epoch * STEP_S[kind] + EPOCH_S[kind])
         total += todo[kind] * each
     return total
 
@@ -200,7 +205,7 @@ def main(study: Study) -> None:
     for f, s, kind in plan:
         if not done(kind, folder(f, s, kind)):
             todo["teacher" if kind == "teacher" else "student"] += 1
-    guess = estimate(study, base, todo)
+    guess = estimate(study, base, todo, first=sum(todo.values()) == len(plan))
     print(
         f"distillation study on {study.data}: fractions {list(study.fractions)}, seeds "
         f"{list(study.seeds)}, {study.epochs} student / {study.teacher_epochs} teacher epochs at "
