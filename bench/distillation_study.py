@@ -72,8 +72,9 @@ class Study:
     """Student epochs (each as long as the whole split at every fraction)."""
     teacher_epochs: int = 10
     """Teacher epochs (ResNet-8)."""
-    batch_size: int = 128
-    """Global batch of teachers and students (the digits recipe's)."""
+    batch_size: int | None = None
+    """Global batch of teachers and students; None: the recipe's (128 for digits, sized from
+    the folder by the small recipe otherwise)."""
     token_images: int = 512
     """Validation images for the token story (cosine per block, head agreement)."""
     out: str = "runs/distillation_study"
@@ -107,7 +108,7 @@ def base_config(study: Study) -> TrainConfig:
     # No EMA: the table reads the raw weights, and an EMA evaluation would double each epoch's.
     return dataclasses.replace(
         base,
-        batch_size=study.batch_size,
+        batch_size=study.batch_size or base.batch_size,
         progress="none",
         ema=dataclasses.replace(base.ema, enabled=False),
     )
@@ -175,7 +176,7 @@ def estimate(study: Study, cfg: TrainConfig, todo: dict[str, int], first: bool) 
     """Seconds for `todo` runs of each kind, from the constants above (`first`: nothing has
     been compiled yet)."""
     train, _ = data_lib.load_sources(dataclasses.replace(cfg.data, label_fraction=1.0))
-    per_epoch = len(train) // study.batch_size
+    per_epoch = len(train) // cfg.batch_size
     total = COMPILE_S if first else 0.0
     for kind, epochs in (("teacher", study.teacher_epochs), ("student", study.epochs)):
         each = FIXED_S[kind] + epochs * (per_epoch * STEP_S[kind] + EPOCH_S[kind])
@@ -209,7 +210,7 @@ def main(study: Study) -> None:
     print(
         f"distillation study on {study.data}: fractions {list(study.fractions)}, seeds "
         f"{list(study.seeds)}, {study.epochs} student / {study.teacher_epochs} teacher epochs at "
-        f"batch {study.batch_size}; {todo['teacher']} teachers and {todo['student']} students to "
+        f"batch {base.batch_size}; {todo['teacher']} teachers and {todo['student']} students to "
         f"train ({len(plan) - sum(todo.values())} done already): about {duration(guess)}",
         flush=True,
     )
