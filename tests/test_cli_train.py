@@ -5,10 +5,11 @@ import dataclasses
 import itertools
 import json
 
+import numpy as np
 import pytest
 import yaml
 
-from deit import cli, cli_train, configs
+from deit import cli, cli_train, configs, variants
 from deit.configs import ConfigError
 
 
@@ -229,3 +230,64 @@ def test_every_setting_has_a_help_text():
             elif f.name not in _documented_fields(cls):
                 missing.append(f"{cls.__name__}.{f.name}")
     assert not missing
+
+
+def _folder(root, per_class, size, classes=("cat", "dog")):
+    """`root/{train,val}/<class>/<i>.png`: `per_class` training images, 5 val, `size` px."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", 5)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_small_folder_gets_the_small_recipe_sized_from_its_images(tmp_path, capsys):
+    from deit import data, run
+    from deit.model import create_model
+
+    root = _folder(tmp_path / "small", per_class=20, size=(28, 28))  # 40 train images
+    argv = ["--data", str(root), "--output", str(tmp_path / "run")]
+    cfg = parse(*argv)
+    assert cfg.recipe == "small" and cfg.data.dataset == str(root)
+    patch = variants.get_spec(cfg.model.name).patch_size
+    assert cfg.data.img_size == 28 and cfg.data.img_size % patch == 0  # a whole patch grid
+    assert cfg.batch_size <= 40 // 4 and cfg.batch_size & (cfg.batch_size - 1) == 0
+    assert cfg.teacher.arch == "resnet8" and cfg.epochs <= 300
+    why = cli_train.recipe_reason(argv)
+    assert "small image folder" in why and "40 training images" in why and "~28 px" in why
+    train, val = data.load_sources(cfg.data)
+    student = create_model(cfg.model.name, num_classes=2, img_size=cfg.data.img_size)
+    capsys.readouterr()
+    run.announce(cfg, student, train, val, why=why)
+    header = capsys.readouterr().err
+    assert f"recipe     small ({why})" in header and "at 28x28" in header
+
+
+def test_the_small_recipe_keeps_the_grid_whole_for_any_size():
+    from deit.data.survey import DataSurvey
+
+    for side, count in [(8, 1437), (28, 40), (50, 300), (150, 500), (640, 2000), (30, 20000)]:
+        cfg = configs.small(DataSurvey("folder", count, 3, side))
+        spec = variants.get_spec(cfg.model.name)
+        assert cfg.data.img_size % spec.patch_size == 0 and cfg.data.img_size <= 224
+        assert 1 <= cfg.batch_size <= max(1, count // 4) and cfg.batch_size <= 128
+        assert 10 <= cfg.epochs <= 300
+    assert configs.small().data == configs.digits().data  # the default: the built-in digits
+
+
+def test_a_large_folder_keeps_the_imagenet_recipe(tmp_path, monkeypatch):
+    from deit.data import survey
+
+    root = _folder(tmp_path / "big", per_class=1, size=(120, 160))
+    monkeypatch.setattr(survey, "SMALL_COUNT", 2)  # 2 train images: "many" here
+    cli_train._survey.cache_clear()
+    argv = ["--data", str(root)]
+    assert parse(*argv).recipe == "imagenet"
+    assert "large image folder, 2 training images of ~120 px" in cli_train.recipe_reason(argv)
+    cli_train._survey.cache_clear()
+    assert parse("--data", "/nonexistent/folder").recipe == "imagenet"  # the run names it

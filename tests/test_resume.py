@@ -240,6 +240,7 @@ def test_sigkill_with_skipped_bad_images_then_resume_is_bit_identical(compile_ca
     data = image_folder_with_bad_images(tmp_path / "data")
     # 48 images, batch 8: 6 steps per epoch, 12 in all; a checkpoint every 2 steps.
     extra = ("--data", str(data), "--bad-images", "skip", "--batch-size", "8", "--workers", "1")
+    extra += ("--recipe", "imagenet")  # as written for (this small a folder would get `small`)
     reference = Run(tmp_path / "reference", *extra, cache=compile_cache)
     reference.finish()
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -22,6 +23,8 @@ import tyro
 
 from deit import configs
 from deit.configs import ConfigError, TrainConfig
+from deit.data import survey as data_survey
+from deit.errors import InputError
 
 # The official main.py's flag names (and this CLI's older short ones) -> flags of the tree.
 # A tuple is a flag that stands for a value.
@@ -152,6 +155,25 @@ def _value(tokens: list[str], flag: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _survey(dataset: str) -> data_survey.DataSurvey | None:
+    """The data's survey, or None when it cannot be read (the run then names the problem)."""
+    try:
+        return data_survey.survey(dataset)
+    except (InputError, OSError):
+        return None
+
+
+def _default_for_data(tokens: list[str]) -> tuple[str, data_survey.DataSurvey | None]:
+    """digits without --data; for a folder, small when it has few or small images, else
+    imagenet (the survey is None when the folder cannot be read, or under --resume)."""
+    data = _value(tokens, "--data.dataset")
+    if not data or data == "digits":
+        return "digits", None
+    found = None if "--resume" in tokens else _survey(data)
+    return ("small" if found is not None and found.small else "imagenet"), found
+
+
 def _recipe_name(tokens: list[str], file_values: dict[str, Any] | None) -> str:
     name = _value(tokens, "--recipe")
     if name:
@@ -160,8 +182,24 @@ def _recipe_name(tokens: list[str], file_values: dict[str, Any] | None) -> str:
         return str(file_values["recipe"])
     if _value(tokens, "--finetune"):
         return "finetune"
-    data = _value(tokens, "--data.dataset")
-    return "imagenet" if data and data != "digits" else "digits"
+    return _default_for_data(tokens)[0]
+
+
+def _base(name: str, tokens: list[str]) -> TrainConfig:
+    """The recipe `name`; `small` sized from the data given (`configs.small`)."""
+    if name != "small":
+        return configs.recipe(name)
+    found = _survey(_value(tokens, "--data.dataset") or "digits")
+    return configs.small(found) if found is not None else configs.small()
+
+
+def _size_text(found: data_survey.DataSurvey) -> str:
+    few = found.train_images < data_survey.SMALL_COUNT
+    tiny = found.side < data_survey.SMALL_SIDE
+    return (
+        f"{found.train_images:,} training images{' (under 10,000)' if few else ''} of "
+        f"~{found.side} px{' (under 112)' if tiny else ''}"
+    )
 
 
 def recipe_reason(argv: list[str]) -> str:
@@ -176,10 +214,20 @@ def recipe_reason(argv: list[str]) -> str:
         return "from the --config file, or the default for its data"
     if _value(tokens, "--finetune"):
         return f"the default with --finetune; {others} for another"
-    data = _value(tokens, "--data.dataset")
-    if data and data != "digits":
+    name, found = _default_for_data(tokens)
+    if name == "digits":
+        return f"the default without --data: the built-in digits; {others}"
+    if found is None:
         return f"the default for an image folder: the paper's ImageNet settings; {others}"
-    return f"the default without --data: the built-in digits; {others}"
+    if name == "small":
+        return (
+            f"the default for a small image folder, {_size_text(found)}: model, image size, "
+            f"batch and epochs sized from the data to take minutes; {others}"
+        )
+    return (
+        f"the default for a large image folder, {_size_text(found)}: the paper's ImageNet "
+        f"settings; {others}"
+    )
 
 
 def _flag(path: str) -> str:
@@ -234,7 +282,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, TrainCommand]:
     file = _value(tokens, "--config")
     values = configs.read_values(file) if file else None
     name = _recipe_name(tokens, values)
-    base = configs.recipe(name)
+    base = _base(name, tokens)
     output = _value(tokens, "--output") or base.output
     saved = Path(output) / "config.json"
     if "--resume" in tokens and saved.is_file():

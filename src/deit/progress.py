@@ -83,7 +83,9 @@ class RunLogger:
         self.title, self.total, self.epochs = title, total_steps, epochs
         self.mode = resolve_mode(mode)
         self._timed: tuple[float, int] | None = None  # (time, step) after the first step
+        self._stepped: tuple[float, int] | None = None  # (time, step) of the latest step
         self._estimated = False
+        self._epoch_told = False
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = (out / "metrics.jsonl").open("a")
         self.tb = SummaryWriter(str(out / "tb"))
@@ -109,7 +111,28 @@ class RunLogger:
 
     def advance(self, step: int) -> None:
         if self.enabled:
+            self._stepped = (time.perf_counter(), step)
             self.progress.update(self.task, completed=step)
+
+    def _epoch_estimate(self, epoch: int) -> None:
+        """Once per phase, after the first evaluation that follows timed steps: what an epoch
+        costs (steps and evaluation) and when the phase will end."""
+        if self._epoch_told or self._timed is None or self._stepped is None:
+            return
+        (t0, s0), (t1, s1) = self._timed, self._stepped
+        if s1 <= s0:
+            return
+        self._epoch_told = True
+        per_step, evaluating = (t1 - t0) / (s1 - s0), time.perf_counter() - t1
+        epochs_left = self.epochs - (epoch + 1)
+        left = per_step * (self.total - s1) + evaluating * epochs_left
+        ends = time.strftime("%H:%M", time.localtime(time.time() + left))
+        per_epoch = per_step * (self.total // max(self.epochs, 1)) + evaluating
+        self._say(
+            f"[{self.title}] an epoch takes about {duration(per_epoch)} ({duration(evaluating)} "
+            f"of it evaluating): about {duration(left)} for the {epochs_left} epoch(s) left, "
+            f"ending near {ends}"
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
@@ -179,6 +202,7 @@ class RunLogger:
             + "".join(f"  {h} {v['top1']:.2f}" for h, v in results["val"].items() if h != "avg")
             + (f"  ema {results['val_ema']['avg']['top1']:.2f}" if "val_ema" in results else "")
         )
+        self._epoch_estimate(epoch)
 
     def close(self) -> None:
         if not self.enabled:

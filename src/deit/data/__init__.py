@@ -4,6 +4,8 @@
 - `sources`: the record-source interface, in-memory arrays and the built-in digits.
 - `index`: ImageFolder listing through a cached index (`FolderSource`).
 - `shards`: ArrayRecord shards, packed from a folder and read back (`ShardSource`).
+- `subset`: a stratified labelled fraction of a training split (`Subset`).
+- `survey`: a data set's image count and typical size, for the `small` recipe.
 - `pipeline`: grain over a whole run, bad-image handling, `deit data check`.
 """
 
@@ -21,6 +23,8 @@ from deit.data.pipeline import (
 )
 from deit.data.shards import ShardSource, open_shards, pack
 from deit.data.sources import BadImageError, RecordSource, Source, arrays, digits
+from deit.data.subset import Subset, stratified_indices
+from deit.data.survey import DataSurvey
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -29,11 +33,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "BadImageError",
     "DataConfig",
+    "DataSurvey",
     "FolderSource",
     "Plan",
     "RecordSource",
     "ShardSource",
     "Source",
+    "Subset",
     "arrays",
     "cache_home",
     "check_images",
@@ -46,6 +52,7 @@ __all__ = [
     "open_shards",
     "pack",
     "run_batches",
+    "stratified_indices",
     "take_bad",
     "train_batches",
     "usable_cores",

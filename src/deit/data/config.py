@@ -71,6 +71,15 @@ class DataConfig:
     """grain worker processes for the whole run; None: one per usable core; 0: in-process."""
     bad_images: Literal["error", "skip"] = "error"
     """An unreadable image stops the run naming it, or is replaced by the next readable one."""
+    label_fraction: float = 1.0
+    """Fraction of the training images the run (teacher and student) learns from: per class
+    max(1, round(fraction x count)), chosen by subset_seed; validation is always whole."""
+    subset_seed: int = 0
+    """Seed of the label_fraction choice (the same seed gives the same images)."""
+    subset_repeats: int = 1
+    """Each labelled image appears this many times per epoch, differently augmented (with
+    label_fraction f, about 1/f keeps an epoch as long as the whole split's: the same steps and
+    evaluations per epoch at every fraction)."""
 
     def __post_init__(self) -> None:
         if self.img_size <= 0:
@@ -96,6 +105,10 @@ class DataConfig:
                 )
         if self.bad_images not in BAD_IMAGES:
             raise InputError(f"bad_images {self.bad_images!r}; expected 'error' or 'skip'")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise InputError(f"label_fraction {self.label_fraction}; expected a fraction in (0, 1]")
+        if self.subset_repeats < 1:
+            raise InputError(f"subset_repeats {self.subset_repeats}; expected 1 or more")
         if self.randaugment:
             RandAugment.from_string(self.randaugment)
 

@@ -31,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from deit.data import index, shards
+from deit.data import index, shards, subset
 from deit.data.config import DataConfig
 from deit.data.sources import BadImageError, RecordSource, digits
 from deit.errors import InputError
@@ -48,12 +48,19 @@ CHECK_CHUNK = 256  # the smallest chunk of records `deit data check` hands a wor
 
 
 def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
-    """(train, val) for `cfg.dataset`: the built-in digits, a shard folder or an ImageFolder."""
+    """(train, val) for `cfg.dataset`: the built-in digits, a shard folder or an ImageFolder;
+    the training split cut to `cfg.label_fraction` of its images (`subset.Subset`)."""
     if cfg.dataset == "digits":
-        return digits()
-    if shards.is_shard_folder(cfg.dataset):
-        return shards.open_shards(cfg.dataset)
-    return index.image_folder(cfg.dataset)
+        train, val = digits()
+    elif shards.is_shard_folder(cfg.dataset):
+        train, val = shards.open_shards(cfg.dataset)
+    else:
+        train, val = index.image_folder(cfg.dataset)
+    if cfg.label_fraction < 1.0 or cfg.subset_repeats > 1:
+        keep = subset.stratified_indices(train.labels, cfg.label_fraction, cfg.subset_seed)
+        train = subset.Subset(train, keep, cfg.subset_repeats)
+        log.info(subset.describe(train, cfg.label_fraction, cfg.subset_seed))
+    return train, val
 
 
 def _spread(global_batch: int, repeats: int) -> np.ndarray:
