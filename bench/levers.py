@@ -38,6 +38,7 @@ from flax import linen as nn
 from speed import Case, _compiled_case, inference_case, train_case
 
 from deit import layers
+from deit.compiler import cpu_isa
 from deit.model import create_model, flops_per_image
 
 RESULTS = Path(__file__).parent / "results"
@@ -485,6 +486,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {"lever": args.lever, "args": vars(args), "results": result}
     payload["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    payload["cpu"] = speed._cpu_name()
+    payload["isa"] = cpu_isa()
     payload["seconds"] = time.perf_counter() - tick
     name = f"levers_{args.lever}{'_' + args.tag if args.tag else ''}.json"
     (RESULTS / name).write_text(json.dumps(payload, indent=2))

@@ -47,7 +47,7 @@ import numpy as np
 import speed_report
 from timm_worker import TorchWorker, max_rss_mb, run_for
 
-from deit.compiler import compiler_options
+from deit.compiler import compiler_options, cpu_isa
 from deit.model import create_model, flops_per_image, init_params
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD, get_spec, resolve_name
 
@@ -378,6 +378,7 @@ def environment(cfg: BenchConfig) -> dict[str, Any]:
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
         "cpu": _cpu_name(),
+        "isa": cpu_isa(),
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": cfg.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -20,9 +20,37 @@ def fresh_cache():
 
 
 def test_float32_on_cpu_turns_ynn_fusions_off(fresh_cache):
-    expected = {YNN_FUSION_TYPE: ""} if jax.__version_info__[:2] == (0, 10) else None
+    measured = compiler.cpu_isa() in compiler.ISA_LEVELS
+    expected = {YNN_FUSION_TYPE: ""} if jax.__version_info__[:2] == (0, 10) and measured else None
     assert compiler_options(jnp.float32) == expected
     assert compiler_options("float32") == expected
+
+
+CPUINFO = {
+    "amx_bf16": "fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile",
+    "avx512_bf16": "fpu sse2 avx avx2 avx512f avx512_bf16",
+    "avx512f": "fpu sse2 avx avx2 avx512f avx512cd",
+    "avx2": "fpu sse2 avx avx2 fma",
+    "other": "fpu sse2 avx",
+}
+
+
+@pytest.mark.parametrize("isa", sorted(CPUINFO))
+def test_the_isa_level_is_read_from_cpuinfo(isa, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {CPUINFO[isa]}\n\n")
+    assert compiler.cpu_isa(str(info)) == isa
+
+
+def test_an_unmeasured_architecture_keeps_xla_defaults(tmp_path, fresh_cache):
+    arm = tmp_path / "cpuinfo"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n\n")  # aarch64: no flags line
+    assert compiler.cpu_isa(str(arm)) == "other"
+    assert compiler.cpu_isa(str(tmp_path / "missing")) == "other"
+    assert compiler_options(jnp.float32, isa="other") is None
+    if jax.__version_info__[:2] == (0, 10):
+        assert compiler_options(jnp.float32, isa="avx2") == {YNN_FUSION_TYPE: ""}
+        assert compiler_options(jnp.bfloat16, isa="amx_bf16") is None
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, None])

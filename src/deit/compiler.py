@@ -1,16 +1,25 @@
-"""XLA compiler options per compute dtype, passed to every `jax.jit` of a model.
+"""XLA compiler options per CPU ISA and compute dtype, passed to every `jax.jit` of a model.
 
-jaxlib 0.10's CPU backend hands dots, convolutions and reductions to YNNPACK. Measured on the
-2-core AVX-512 machine of `bench/` (`python bench/levers.py flags`, DeiT-Ti at 224): YNNPACK's
-bfloat16 matmuls accumulating in float32 run at ~900 GFLOP/s against ~330 for XLA's own, so bf16
-DeiT needs them; its float32 dots are slower than XLA's own kernels inside the model (DeiT-Ti
-inference ~94 -> ~115 img/s at batch 32, ~64 -> ~100 at 64; training step ~1.2x), so float32
-programs are compiled without YNNPACK fusions. An `XLA_FLAGS` process flag cannot make that
-choice per dtype; a per-executable compiler option can, and leaves other programs alone.
+jaxlib 0.10's CPU backend hands dots, convolutions and reductions to YNNPACK. Whether that pays
+depends on the dtype, and was measured per ISA level (`cpu_isa`) with `python bench/levers.py
+flags` (DeiT-Ti/S at 224, batch 32, interleaved runs; bench/results/levers_flags*.json):
 
-Applies only on the CPU backend of jaxlib 0.10.x (the option is experimental and was measured
-there) and only when the user has not chosen YNNPACK fusion types in `XLA_FLAGS` themselves.
-`DEIT_XLA_OPTIONS=0` turns it off.
+- bfloat16: YNNPACK on (XLA's default) on every level measured. Its bf16 matmuls accumulating in
+  float32 are the fast path: without them bf16 DeiT runs at 0.4x on the AMX Intel Xeon
+  (levers_flags_intel.json) and ~0.5x on the AMD EPYC (levers_flags.json).
+- float32: YNNPACK fusions off. On the AMD EPYC XLA's own float32 kernels are faster inside the
+  model (DeiT-Ti inference ~94 -> ~115 img/s at batch 32, ~64 -> ~100 at 64; training step
+  ~1.2x); on the AMX Intel Xeon the two are level (0.97-1.06x over inference and the training
+  step, levers_flags_intel.json and user_jit.md), so the one choice helps one vendor and costs
+  the other nothing. The AMD run did not record its ISA level (now every bench run does); it is
+  one of the x86 levels below, which all get the float32 option.
+- other architectures (aarch64, x86 without AVX2): not measured; XLA's defaults.
+
+An `XLA_FLAGS` process flag cannot make the choice per dtype; a per-executable compiler option
+can, and leaves other programs alone. Applies only on the CPU backend of jaxlib 0.10.x (the option
+is experimental and was measured there; on jax 0.12, `bench/jax_versions.py`, it moved float32 by
++3-8%, within that run's noise) and only when the user has not chosen YNNPACK fusion types in
+`XLA_FLAGS` themselves. `DEIT_XLA_OPTIONS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -31,11 +40,11 @@ ISA_LEVELS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
 @functools.cache
-def cpu_isa() -> str:
-    """The strongest of `ISA_LEVELS` this CPU has (`/proc/cpuinfo` flags), or "other" (another
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The strongest of `ISA_LEVELS` this CPU has (the `flags` of `cpuinfo`), or "other" (another
     architecture, an older x86, or no `/proc`)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
         return "other"
@@ -56,15 +65,21 @@ def _tuned_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def compiler_options(dtype: Any) -> dict[str, str] | None:
-    """Options for `jax.jit(..., compiler_options=...)` of a program computing in `dtype`.
+# (ISA level, dtype) -> options; what is not here keeps XLA's defaults. The reasons are measured
+# (module docstring): the x86 levels share one choice because it was never worse on either vendor.
+OPTIONS: dict[tuple[str, str], dict[str, str]] = {
+    (isa, "float32"): {YNN_FUSION_TYPE: ""} for isa in ISA_LEVELS
+}
 
-    `{"xla_cpu_experimental_ynn_fusion_type": ""}` (no YNNPACK fusions) for float32 programs on
-    jaxlib 0.10's CPU backend, else `None` (XLA's defaults).
-    """
-    if dtype is None or jnp.dtype(dtype) != jnp.float32 or not _tuned_backend():
+
+def compiler_options(dtype: Any, isa: str | None = None) -> dict[str, str] | None:
+    """Options for `jax.jit(..., compiler_options=...)` of a program computing in `dtype` on a
+    CPU of ISA level `isa` (default: this machine's, `cpu_isa()`): `OPTIONS`' entry on
+    jaxlib 0.10's CPU backend, else `None` (XLA's defaults)."""
+    if dtype is None or not _tuned_backend():
         return None
-    return {YNN_FUSION_TYPE: ""}
+    options = OPTIONS.get((isa or cpu_isa(), jnp.dtype(dtype).name))
+    return dict(options) if options else None
 
 
 def jit(fun: Any, *, dtype: Any = jnp.float32, **jit_kwargs: Any) -> Any:
