@@ -52,13 +52,20 @@ def test_train_eval_predict_from_the_cli(tmp_path, capsys):
     capsys.readouterr()
 
     report = tmp_path / "eval.json"
-    assert (
-        cli.main(["eval", "--checkpoint", str(out), "--data", "digits", "--out", str(report)]) == 0
-    )
+    argv = ["eval", "--checkpoint", str(out), "--data", "digits", "--out", str(report)]
+    assert cli.main([*argv, "--per-class"]) == 0
     evaluated = json.loads(report.read_text())
     # Evaluating the exported final model reproduces the run's own final numbers.
     assert evaluated["avg"]["top1"] == pytest.approx(results["val"]["avg"]["top1"])
-    assert "averaged heads" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "averaged heads" in printed
+    # Per class: the run's own class names, every image counted once, the same overall top-1.
+    rows = evaluated["per_class"]
+    assert [r["name"] for r in rows] == [str(i) for i in range(10)]
+    assert sum(r["count"] for r in rows) == evaluated["avg"]["count"] == 360
+    overall = sum(r["top1"] * r["count"] for r in rows) / 360
+    assert overall == pytest.approx(evaluated["avg"]["top1"])
+    assert f"    9  9  {rows[9]['top1']:7.2f}  {rows[9]['count']:>6}" in printed
 
     _, val = data.digits()
     image = tmp_path / "digit.png"

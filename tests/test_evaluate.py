@@ -62,6 +62,25 @@ def test_evaluate_accumulates_over_batches():
     assert result["avg"]["top1"] == pytest.approx(100 / 3)
 
 
+def test_per_class_sums_on_fixed_logits_and_over_batches():
+    logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0]])
+    labels = jnp.array([0, 2, 2, 1])
+    mask = jnp.array([1.0, 1.0, 1.0, 0.0])  # the last is padding
+    sums = evaluate.per_class_sums(logits, labels, mask)
+    np.testing.assert_array_equal(sums["hits"], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(sums["count"], [1.0, 0.0, 2.0])
+    # Accumulated with the heads' sums, kept apart from them by `evaluate`.
+    step = lambda b: {
+        "avg": evaluate.batch_sums(b["logits"], b["label"], b["mask"]),
+        "per_class": evaluate.per_class_sums(b["logits"], b["label"], b["mask"]),
+    }
+    batch = {"logits": logits, "label": labels, "mask": mask}
+    out = evaluate.evaluate(step, [batch, batch])
+    np.testing.assert_array_equal(out["per_class"]["hits"], [2.0, 0.0, 2.0])
+    np.testing.assert_array_equal(out["per_class"]["count"], [2.0, 0.0, 4.0])
+    assert out["avg"]["count"] == 6 and out["avg"]["top1"] == pytest.approx(100 * 4 / 6)
+
+
 def test_preprocessing_from_config_fills_in_the_registry():
     base384 = deit.create_model("deit_base_patch16_384")
     prep = Preprocessing.from_config({"variant": "deit_base_patch16_384"}, base384)

@@ -103,9 +103,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if checkpoint is None:
         raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
     results = evaluate_checkpoint(
-        checkpoint, args.data, args.batch_size, args.workers, args.bad_images
+        checkpoint, args.data, args.batch_size, args.workers, args.bad_images, args.per_class
     )
+    per_class = results.pop("per_class", None)
     print(_table({"val": results}))
+    if per_class is not None:
+        width = max(len(row["name"]) for row in per_class)
+        print(f"\n{'class':>5}  {'name':<{width}}  {'top-1':>7}  {'images':>6}")
+        for row in per_class:
+            print(
+                f"{row['class']:>5}  {row['name']:<{width}}  {row['top1']:7.2f}  {row['count']:>6}"
+            )
+        results["per_class"] = per_class
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
@@ -226,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("error", "skip"),
         default="error",
         help="an unreadable image stops (error) or is left out of the counts (skip)",
+    )
+    p.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also the averaged heads' top-1 per class (ImageNet-1k names for converted weights)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p = sub.add_parser("predict", help="top-5 classes of image files")

@@ -21,7 +21,7 @@ import numpy as np
 from deit import data as data_lib
 from deit import parallel
 from deit.augment import normalize
-from deit.class_names import class_names
+from deit.class_names import class_names, is_imagenet
 from deit.compiler import compiler_options
 from deit.errors import InputError
 from deit.export import Preprocessing, exported_folder, load_exported
@@ -70,6 +70,15 @@ def head_sums(
     }
 
 
+def per_class_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Top-1 hits and sample counts per class, `(K,)` each (`logits (B, K)`, as `batch_sums`)."""
+    logits = logits.astype(jnp.float32)
+    true = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    hit = (jnp.sum(logits > true, axis=-1) < 1) * mask
+    zeros = jnp.zeros(logits.shape[-1], jnp.float32)
+    return {"hits": zeros.at[labels].add(hit), "count": zeros.at[labels].add(mask)}
+
+
 def finish(totals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Sums -> percentages for top-1/top-5 and the mean loss, per head."""
     out = {}
@@ -89,7 +98,8 @@ def accumulate(totals: dict[str, dict[str, float]], sums: dict[str, dict[str, An
     for head, values in jax.device_get(sums).items():
         acc = totals.setdefault(head, dict.fromkeys(values, 0.0))
         for key, value in values.items():
-            acc[key] += float(np.asarray(value))
+            value = np.asarray(value, np.float64)
+            acc[key] = acc[key] + (value if value.ndim else float(value))
 
 
 def evaluate(
@@ -100,7 +110,11 @@ def evaluate(
     totals: dict[str, dict[str, float]] = {}
     for batch in batches:
         accumulate(totals, step_fn(batch))
-    return finish(totals)
+    per_class = totals.pop("per_class", None)  # `per_class_sums` of the averaged heads
+    out = finish(totals)
+    if per_class is not None:
+        out["per_class"] = per_class
+    return out
 
 
 # ----------------------------------------------------------------------------- steps
@@ -206,8 +220,11 @@ def evaluate_checkpoint(
     batch_size: int = 128,
     workers: int | None = None,
     bad_images: str = "error",
-) -> dict[str, dict[str, float]]:
-    """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split."""
+    per_class: bool = False,
+) -> dict[str, Any]:
+    """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split; with
+    `per_class`, also `per_class`: `[{"class", "name", "top1", "count"}]` of the averaged heads,
+    by class index (`name`: ImageNet-1k's for a converted 1000-class head, else the class)."""
     model, variables, config = load_exported(exported_folder(checkpoint))
     prep = Preprocessing.from_config(config, model)
     cfg = data_lib.DataConfig(
@@ -232,8 +249,42 @@ def evaluate_checkpoint(
     step = jax.jit(
         make_eval_step(model, prep.mean, prep.std), compiler_options=compiler_options(model.dtype)
     )
+    if per_class:
+        step = jax.jit(
+            _with_per_class(model, prep.mean, prep.std),
+            compiler_options=compiler_options(model.dtype),
+        )
     params, stats = variables["params"], variables.get("batch_stats", {})
-    return run_eval(lambda b: step(params, stats, b), val_src, cfg, mesh, batch_size)
+    results = run_eval(lambda b: step(params, stats, b), val_src, cfg, mesh, batch_size)
+    if per_class:
+        sums = results.pop("per_class")
+        num_classes = len(sums["count"])
+        names = class_names(config, num_classes)
+        if not is_imagenet(config, num_classes):
+            names = list(val_src.classes)
+        results["per_class"] = [
+            {"class": c, "name": names[c], "count": int(n),
+             "top1": 100.0 * float(h) / max(float(n), 1.0)}
+            for c, (h, n) in enumerate(zip(sums["hits"], sums["count"], strict=True))
+        ]  # fmt: skip
+    return results
+
+
+def _with_per_class(
+    model: Any, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any, Any, dict[str, jax.Array]], dict]:
+    """`make_eval_step`'s sums plus `per_class`: `per_class_sums` of the averaged heads."""
+
+    def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array]) -> dict:
+        x = normalize(batch["image"], mean, std)
+        cls, dist, _ = forward(model, params, batch_stats, x, train=False)
+        logits = cls if dist is None else (cls + dist) / 2
+        return {
+            **head_sums(cls, dist, batch["label"], batch["mask"]),
+            "per_class": per_class_sums(logits, batch["label"], batch["mask"]),
+        }
+
+    return eval_step
 
 
 def predict(
