@@ -46,14 +46,29 @@ def two_processes(out: Path, *extra: str, cache: Path | None = None) -> list[Run
     return [Run(out, *launch, "--process-id", str(i), cache=cache) for i in range(2)]
 
 
+@pytest.fixture
+def launched():
+    """Runs a test started; any still alive when it ends (a failed assert) are killed, so they
+    neither outlive it nor load the tests after it."""
+    runs: list[Run] = []
+    yield runs
+    for run in runs:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
 @pytest.mark.slow
-def test_a_lost_process_is_named_by_the_survivor_then_both_resume_exactly(compile_cache, tmp_path):
+def test_a_lost_process_is_named_by_the_survivor_then_both_resume_exactly(
+    compile_cache, tmp_path, launched
+):
     """Process 1 of 2 SIGKILLed mid-epoch: process 0 exits within 60 s naming it and the
     command that resumes; both relaunched with --resume end as an uninterrupted 2-process run."""
     one_epoch = ("--epochs", "1", "--checkpoint-every", "4")
     reference = two_processes(tmp_path / "reference", *one_epoch)  # beside the first try
     out = tmp_path / "run"
     first = two_processes(out, *one_epoch, cache=compile_cache)
+    launched += reference + first
     first[0].wait_for_checkpoint(8)
     os.kill(first[1].proc.pid, signal.SIGKILL)
     assert first[1].wait() == -signal.SIGKILL
@@ -67,6 +82,7 @@ def test_a_lost_process_is_named_by_the_survivor_then_both_resume_exactly(compil
     for run in reference:
         run.finish()
     again = two_processes(out, *one_epoch, "--resume", cache=compile_cache)
+    launched += again
     for run in again:
         run.finish()
     assert_same_params(final_params(reference[0].out), out)

@@ -58,7 +58,9 @@ def least_free(path: Path) -> int:
     free = diskspace.free_bytes(path)
     if jax.process_count() == 1:
         return free
-    return int(np.min(multihost_utils.process_allgather(np.int64(free))))
+    # In whole MiB: JAX's collectives carry int32 (x64 off), which bytes overflow past 2 GiB.
+    mib = np.int32(min(free >> 20, np.iinfo(np.int32).max))
+    return int(np.min(multihost_utils.process_allgather(mib))) << 20
 
 
 class Checkpoints:
