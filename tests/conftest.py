@@ -24,3 +24,23 @@ def deit_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DEIT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("deit.data.index.RACY_MARGIN_NS", 0)
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """`bench_module("study_stats")`: a script of bench/ imported as a module (the folder is a set
+    of scripts, on sys.path only while importing)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+
+    def load(name: str):
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+
+    return load

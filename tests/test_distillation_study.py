@@ -1,23 +1,15 @@
 """bench/distillation_study.py without training: which runs it starts, that a rerun skips the
 finished ones and resumes a stopped one, and the report it writes."""
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def study_module():
-    sys.path.insert(0, str(BENCH))  # a folder of scripts: on sys.path only while importing
-    try:
-        return importlib.import_module("distillation_study")
-    finally:
-        sys.path.remove(str(BENCH))
+def study_module(bench_module):
+    return bench_module("distillation_study")
 
 
 def fake_runs(module, monkeypatch):

@@ -1,22 +1,13 @@
 """bench/study_stats.py: the paired t interval against a hand-computed case, and the cells."""
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def study_stats():
-    sys.path.insert(0, str(BENCH))  # a folder of scripts: on sys.path only while importing
-    try:
-        return importlib.import_module("study_stats")
-    finally:
-        sys.path.remove(str(BENCH))
+def study_stats(bench_module):
+    return bench_module("study_stats")
 
 
 def test_paired_t_interval_by_hand(study_stats):
