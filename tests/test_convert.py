@@ -348,13 +348,33 @@ def test_unsafe_pickle_is_refused(tmp_path, kind: str) -> None:
     assert not marker.exists()
 
 
+def damaged_pickles() -> list[bytes]:
+    """Files that once escaped as MemoryError / OverflowError: length fields of 2^40 and 2^63
+    bytes (BINBYTES8, FRAME), then seeded random bytes with and without a pickle header."""
+    files = [
+        b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little"),
+        b"\x80\x04\x8e" + b"\xff" * 8,
+        b"\x80\x04\x95" + b"\xff" * 8,
+        b"\x80\x02B" + b"\xff" * 4,
+    ]
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        files.append((b"\x80\x02" if seed % 2 else b"") + rng.bytes(int(rng.integers(1, 512))))
+    return files
+
+
+def test_a_damaged_file_is_a_one_line_error_never_a_memory_error(tmp_path) -> None:
+    path = tmp_path / "damaged.pth"
+    for content in damaged_pickles():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=r"damaged\.pth"):
+            convert.load_state_dict(path)
+
+
 def test_unreadable_files(tmp_path) -> None:
     (tmp_path / "w.ckpt").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"w\.ckpt.*\.safetensors"):
         convert.load_state_dict(tmp_path / "w.ckpt")
-    (tmp_path / "junk.pth").write_bytes(os.urandom(256))
-    with pytest.raises(ValueError, match=r"junk\.pth"):
-        convert.load_state_dict(tmp_path / "junk.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match=r"junk\.safetensors"):
         convert.load_state_dict(tmp_path / "junk.safetensors")

@@ -269,8 +269,25 @@ def _load_zip(path: Path) -> Any:
             return storages[key]
 
         with archive.open(pickles[0]) as f:
-            obj = RestrictedUnpickler(f, path, storage_for).load()
+            size = archive.getinfo(pickles[0]).file_size
+            obj = RestrictedUnpickler(_Bounded(f, size), path, storage_for).load()
     return _materialize(obj)
+
+
+class _Bounded:
+    """A binary file whose reads never ask for more than what is left in it, so that a length
+    field in a damaged file cannot make the unpickler allocate exabytes (MemoryError) first."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file = file
+        self._size = size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._file.tell()
+        return self._file.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._file.readline()
 
 
 def _load_legacy(path: Path) -> Any:
@@ -287,7 +304,8 @@ def _load_legacy(path: Path) -> Any:
         view_key, offset, view_numel = view
         return Storage(_text(view_key), root.kind, int(view_numel), parent=root, start=int(offset))
 
-    with path.open("rb") as f:
+    with path.open("rb") as raw:
+        f = _Bounded(raw, path.stat().st_size)
         load = lambda: RestrictedUnpickler(f, path, storage_for).load()
         if load() != LEGACY_MAGIC:
             raise InputError("not a torch.save file (magic number differs)")
@@ -340,6 +358,9 @@ def load_torch_file(path: str | Path) -> Any:
         AttributeError,
         IndexError,
         KeyError,
+        OverflowError,  # a length field past sys.maxsize
+        MemoryError,
+        RecursionError,
     ) as err:
         raise InputError(f"cannot read {path} as a torch.save file: {err!r}") from err
 
