@@ -403,6 +403,53 @@ def lever_step(batches: tuple[int, ...], rounds: int) -> list[Case]:
     return cases
 
 
+# oneDNN (built into jaxlib's CPU backend) for the dots XLA would run itself (float32 ones, and
+# bf16 ones it upcasts; bf16 dots accumulating in float32 stay with YNNPACK). `lever_onednn`
+# compiles and runs each probe in a child process under these flags and records whether it lives.
+ONEDNN = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
+ONEDNN_PROBES = ("dense", "dense-gelu", "dense-grad", "attn-qk", "attn-pv", "attn-softmax-pv")
+
+
+def _probe(name: str) -> None:
+    """One DeiT-Ti-shaped float32 program (batch 8, 198 tokens), compiled with YNNPACK off as
+    `deit.compiler` does for float32, and run once."""
+    x, w, q = jnp.ones((8, 198, 192)), jnp.ones((192, 576)), jnp.ones((8, 3, 198, 64))
+    scores = lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    probes = {
+        "dense": (lambda x, w: x @ w, (x, w)),
+        "dense-gelu": (lambda x, w: jax.nn.gelu(x @ w + 1.0), (x, w)),
+        "dense-grad": (jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), argnums=1), (x, w)),
+        "attn-qk": (scores, (q, q)),
+        "attn-pv": (lambda p, v: jnp.einsum("bhqk,bhkd->bhqd", p, v), (scores(q, q), q)),
+        "attn-softmax-pv": (
+            lambda q, v: jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores(q, q), -1), v),
+            (q, q),
+        ),
+    }
+    fun, args = probes[name]
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    jax.block_until_ready(jax.jit(fun, compiler_options=options)(*args))
+
+
+def lever_onednn(batches: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+    """Which of `ONEDNN_PROBES` oneDNN compiles and runs, each `rounds` times (exit codes; the
+    last output line of the first failure)."""
+    rows = []
+    for name in ONEDNN_PROBES:
+        env = dict(os.environ, XLA_FLAGS=ONEDNN)
+        args = [sys.executable, __file__, "_probe", "--settings", name]
+        codes, failure = [], ""
+        for _ in range(rounds):
+            proc = subprocess.run(args, env=env, capture_output=True, text=True)
+            codes.append(proc.returncode)
+            lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "@ " not in ln]
+            if proc.returncode and not failure:
+                failure = (lines[-1:] or [""])[0][:200]
+        rows.append({"probe": name, "returncodes": codes, "failure": failure})
+        print(f"{name:16} exits {codes}  {failure[:80]}", flush=True)
+    return rows
+
+
 def _child_flags(batches: tuple[int, ...], rounds: int) -> list[Case]:
     cases = [speed.matmul_case()]
     for name in (TI, S):
@@ -458,19 +505,26 @@ LEVERS = {
     "remat": lever_remat,
     "flags": lever_flags,
     "_child_flags": _child_flags,
+    "onednn": lever_onednn,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("lever", choices=sorted(LEVERS))
+    parser.add_argument("lever", choices=[*sorted(LEVERS), "_probe"])
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=sorted(FLAGS), default=list(FLAGS))
+    parser.add_argument("--settings", nargs="+", default=list(FLAGS))
     parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
     tick = time.perf_counter()
+    if args.lever == "_probe":
+        _probe(args.settings[0])
+        print(f"{args.settings[0]} ran")
+        return
     if args.lever == "flags":
+        if unknown := set(args.settings) - set(FLAGS):
+            parser.error(f"--settings {sorted(unknown)}: expected some of {sorted(FLAGS)}")
         result = lever_flags(tuple(args.batches), args.rounds, tuple(args.settings))
     else:
         result = LEVERS[args.lever](tuple(args.batches), args.rounds)

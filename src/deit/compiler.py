@@ -15,6 +15,12 @@ flags` (DeiT-Ti/S at 224, batch 32, interleaved runs; bench/results/levers_flags
   one of the x86 levels below, which all get the float32 option.
 - other architectures (aarch64, x86 without AVX2): not measured; XLA's defaults.
 
+oneDNN, also built into jaxlib 0.10's CPU backend (`--xla_cpu_use_onednn=true
+--xla_cpu_experimental_onednn_fusion_type=dot`; torch's CPU kernels come from it), is not
+used: it kills the process ("partition compile failed", SIGILL) compiling a softmax feeding a
+dot, which every attention block has, and aborted once in eight runs of a Dense + GELU
+(`python bench/levers.py onednn`, levers_onednn_jaxlib0.10.json, on the AMX Intel Xeon).
+
 An `XLA_FLAGS` process flag cannot make the choice per dtype; a per-executable compiler option
 can, and leaves other programs alone. Applies only on the CPU backend of jaxlib 0.10.x (the option
 is experimental and was measured there; on jax 0.12, `bench/jax_versions.py`, it moved float32 by
