@@ -7,6 +7,8 @@
     python bench/levers.py scan       # compile time and speed of the blocks under nn.scan
     python bench/levers.py patch      # patch embedding: strided conv vs reshape + matmul
     python bench/levers.py bias-grad  # Dense bias gradients: reduction vs ones-vector matmul
+    python bench/levers.py wgrad-chunks  # fp32 weight gradients summed over row chunks (VJP)
+    python bench/levers.py onednn     # oneDNN's dot fusion: which of DeiT's programs it runs
     python bench/levers.py gelu       # bf16 GELU computed in bf16 vs in float32
     python bench/levers.py step       # the training step's parts: teacher, forward, backward
     python bench/levers.py remat      # training step speed and XLA memory with nn.remat blocks
@@ -26,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import speed
 from flax import linen as nn
+from jax import lax
 from speed import Case, _compiled_case, inference_case, train_case
 
 from deit import layers
@@ -354,6 +357,66 @@ def lever_bias_grad(batches: tuple[int, ...], rounds: int) -> list[Case]:
     return cases
 
 
+def _chunked_matmul(chunks: int) -> Callable[..., jax.Array]:
+    """`x @ w` for `(N, D)` x whose VJP sums the weight gradient over `chunks` row chunks."""
+
+    @jax.custom_vjp
+    def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+        return x @ w
+
+    def backward(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x, w = res
+        n = x.shape[0]
+        if n % chunks:
+            return g @ w.T, x.T @ g
+        xc = x.reshape(chunks, n // chunks, x.shape[1])
+        gc = g.reshape(chunks, n // chunks, g.shape[1])
+        return g @ w.T, jnp.einsum("cni,cno->io", xc, gc)
+
+    matmul.defvjp(lambda x, w: (x @ w, (x, w)), backward)
+    return matmul
+
+
+def _chunked_dense(chunks: int) -> Callable[..., nn.Dense]:
+    matmul = _chunked_matmul(chunks)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        if lhs.ndim == rhs.ndim == 2 and tuple(map(tuple, dimension_numbers[0])) == ((1,), (0,)):
+            return matmul(lhs, rhs)
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+    return lambda features, name, dtype: nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=layers.dense_init,
+        dot_general=dot_general,
+        name=name,
+    )
+
+
+def lever_wgrad_chunks(batches: tuple[int, ...], rounds: int) -> list[Case]:
+    """float32 training step with every Dense's weight gradient summed over 1, 4 or 8 row chunks
+    (a custom VJP, `bench/wgrad.py`'s `chunkC` layout) against autodiff's."""
+    x, w = (
+        jax.random.normal(jax.random.key(0), (64, 24)),
+        jax.random.normal(jax.random.key(1), (24, 8)),
+    )
+    loss = lambda mm: jax.grad(lambda x, w: jnp.tanh(mm(x, w)).sum(), argnums=(0, 1))(x, w)
+    for got, want in zip(loss(_chunked_matmul(4)), loss(jnp.matmul), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cases = []
+    for label, swap in [("autodiff", {})] + [
+        (f"chunk{c}", {"dense": _chunked_dense(c)}) for c in (1, 4, 8)
+    ]:
+        with swapped(**swap):
+            case = train_case(TI, 32, "float32")
+        case.impl = label
+        cases.append(case)
+    speed.measure(cases, rounds, 2.0, print)
+    return cases
+
+
 def _step_parts(dtype: str) -> list[Case]:
     from deit.compiler import compiler_options
     from deit.teacher import create_teacher
@@ -500,6 +563,7 @@ LEVERS = {
     "scan": lever_scan,
     "patch": lever_patch,
     "bias-grad": lever_bias_grad,
+    "wgrad-chunks": lever_wgrad_chunks,
     "gelu": lever_gelu,
     "step": lever_step,
     "remat": lever_remat,
