@@ -500,7 +500,7 @@ def lever_onednn(batches: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
     rows = []
     for name in ONEDNN_PROBES:
         env = dict(os.environ, XLA_FLAGS=ONEDNN)
-        args = [sys.executable, __file__, "_probe", "--settings", name]
+        args = [sys.executable, __file__, "_probe", "--probe", name]
         codes, failure = [], ""
         for _ in range(rounds):
             proc = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -578,17 +578,16 @@ def main() -> None:
     parser.add_argument("lever", choices=[*sorted(LEVERS), "_probe"])
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", default=list(FLAGS))
+    parser.add_argument("--settings", nargs="+", choices=sorted(FLAGS), default=list(FLAGS))
+    parser.add_argument("--probe", choices=ONEDNN_PROBES, help="(internal) one onednn probe")
     parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
     tick = time.perf_counter()
     if args.lever == "_probe":
-        _probe(args.settings[0])
-        print(f"{args.settings[0]} ran")
+        _probe(args.probe)
+        print(f"{args.probe} ran")
         return
     if args.lever == "flags":
-        if unknown := set(args.settings) - set(FLAGS):
-            parser.error(f"--settings {sorted(unknown)}: expected some of {sorted(FLAGS)}")
         result = lever_flags(tuple(args.batches), args.rounds, tuple(args.settings))
     else:
         result = LEVERS[args.lever](tuple(args.batches), args.rounds)
