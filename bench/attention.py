@@ -1,7 +1,7 @@
 """Attention by two einsums against `jax.nn.dot_product_attention` (`DEIT_ATTENTION`), DeiT-Ti
 inference at batch 32, interleaved in one run; medians of images/s. The model picks the fused
 function on GPU only; this is the measurement behind that choice for CPUs. Writes
-`bench/results/attention.md`.
+`bench/results/attention_<vendor>.md` (`deit.compiler.cpu_vendor`).
 
     python bench/attention.py
 """
@@ -18,6 +18,7 @@ import numpy as np
 from user_jit import _cpu
 
 import deit
+from deit.compiler import cpu_vendor
 
 HERE = Path(__file__).parent
 
@@ -49,7 +50,7 @@ def main(batch: int = 32, rounds: int = 5, calls: int = 3) -> None:
         ratio = med["fused"] / med["einsum"]
         lines.append(f"| {dtype} | {med['einsum']:.1f} | {med['fused']:.1f} | {ratio:.2f}x |")
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "attention.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"attention_{cpu_vendor()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -4,7 +4,8 @@
     python bench/speed.py --models deit_tiny_distilled_patch16_224 --batches 32 --train-models
     python bench/speed.py --help          # every option (the fields of `BenchConfig`)
 
-Writes `bench/results/speed.json` and `speed.md` (`--out`, `--markdown`) and prints the tables.
+Writes `bench/results/speed_<vendor>.json` and `.md` (`--out`, `--markdown`; the vendor from
+`deit.compiler.cpu_vendor`, so each vendor keeps its latest table) and prints the tables.
 Run it on a quiet machine (nothing else busy): the reference's OpenMP threads suffer most from
 contention.
 
@@ -47,7 +48,7 @@ import numpy as np
 import speed_report
 from timm_worker import TorchWorker, max_rss_mb, run_for
 
-from deit.compiler import compiler_options, cpu_isa
+from deit.compiler import compiler_options, cpu_isa, cpu_vendor
 from deit.model import create_model, flops_per_image, init_params
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD, get_spec, resolve_name
 
@@ -83,8 +84,9 @@ class BenchConfig:
     pipeline_dir: str | None = None  # generated JPEGs (default: a temporary folder)
     seed: int = 0
     torch_device: str = "cpu"  # where the reference runs: cpu, or cuda (bench/gpu.sh)
-    out: str = str(RESULTS / "speed.json")  # the results as JSON
-    markdown: str | None = str(RESULTS / "speed.md")  # the tables as markdown; None: not written
+    out: str = str(RESULTS / f"speed_{cpu_vendor()}.json")  # the results as JSON
+    # the tables as markdown; None: not written
+    markdown: str | None = str(RESULTS / f"speed_{cpu_vendor()}.md")
 
     def __post_init__(self) -> None:
         for dtype in self.dtypes:

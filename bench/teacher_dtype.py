@@ -1,6 +1,6 @@
 """The distillation training step with a float32 student and its ResNet-18 teacher in float32
 or in bfloat16 (`teacher.dtype`), interleaved in one run; medians of images/s. Writes
-`bench/results/teacher_dtype.md`.
+`bench/results/teacher_dtype_<vendor>.md` (`deit.compiler.cpu_vendor`).
 
     python bench/teacher_dtype.py
 """
@@ -12,6 +12,8 @@ from pathlib import Path
 
 from speed import train_case
 from user_jit import _cpu
+
+from deit.compiler import cpu_vendor
 
 HERE = Path(__file__).parent
 TI = "deit_tiny_distilled_patch16_224"
@@ -36,7 +38,7 @@ def main(batch: int = 32, rounds: int = 5, seconds: float = 2.0) -> None:
         f"bfloat16 teacher / float32 teacher: {med['bfloat16'] / med['float32']:.2f}x",
     ]
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "teacher_dtype.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"teacher_dtype_{cpu_vendor()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,6 @@
 """A user's own `jax.jit(model.apply)` against `deit.jit(model.apply)` (the package's per-dtype
 compiler options), interleaved in one run; medians of images/s. Writes
-`bench/results/user_jit.{json,md}`.
+`bench/results/user_jit_<vendor>.{json,md}` (`deit.compiler.cpu_vendor`).
 
     python bench/user_jit.py --batch 32 --rounds 7
 """
@@ -21,6 +21,7 @@ import numpy as np
 import tyro
 
 import deit
+from deit.compiler import cpu_vendor
 
 HERE = Path(__file__).parent
 
@@ -76,8 +77,8 @@ def main(cfg: Config) -> None:
         for r in rows
     ]
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "user_jit.json").write_text(json.dumps(result, indent=2))
-    (HERE / "results" / "user_jit.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"user_jit_{cpu_vendor()}.json").write_text(json.dumps(result, indent=2))
+    (HERE / "results" / f"user_jit_{cpu_vendor()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -42,11 +42,23 @@ def test_the_isa_level_is_read_from_cpuinfo(isa, tmp_path):
     assert compiler.cpu_isa(str(info)) == isa
 
 
+@pytest.mark.parametrize(
+    ("vendor_id", "vendor"),
+    [("GenuineIntel", "intel"), ("AuthenticAMD", "amd"), ("HygonGenuine", "other")],
+)
+def test_the_vendor_is_read_from_cpuinfo(vendor_id, vendor, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: {vendor_id}\nflags\t\t: fpu avx2\n\n")
+    assert compiler.cpu_vendor(str(info)) == vendor
+
+
 def test_an_unmeasured_architecture_keeps_xla_defaults(tmp_path, fresh_cache):
     arm = tmp_path / "cpuinfo"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n\n")  # aarch64: no flags line
     assert compiler.cpu_isa(str(arm)) == "other"
     assert compiler.cpu_isa(str(tmp_path / "missing")) == "other"
+    assert compiler.cpu_vendor(str(arm)) == "other"
+    assert compiler.cpu_vendor(str(tmp_path / "missing")) == "other"
     assert compiler_options(jnp.float32, isa="other") is None
     if jax.__version_info__[:2] == (0, 10):
         assert compiler_options(jnp.float32, isa="avx2") == {YNN_FUSION_TYPE: ""}

@@ -57,6 +57,22 @@ def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str:
     return next((isa for isa in ISA_LEVELS if isa in flags), "other")
 
 
+# `vendor_id` of /proc/cpuinfo -> the name results files and reports use.
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+@functools.cache
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """ "intel", "amd", or "other" (another vendor or architecture, or no `/proc`): from the
+    `vendor_id` of `cpuinfo`. Benchmarks name their results by it, so both vendors' tables stay."""
+    try:
+        with open(cpuinfo) as f:
+            ids = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
+    except OSError:
+        return "other"
+    return VENDORS.get(ids, "other")
+
+
 @functools.cache
 def _tuned_backend() -> bool:
     if os.environ.get("DEIT_XLA_OPTIONS", "1") == "0":
