@@ -55,6 +55,9 @@ FLAGS = {
     "ynn-no-reduce-conv": "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_convolution",
     "ynn-off+vw512": YNN_OFF + " --xla_cpu_prefer_vector_width=512",
     "deit+vw512": "--xla_cpu_prefer_vector_width=512",
+    # YNNPACK for dots only (float32 too), its convolutions and reductions left to XLA: a bf16
+    # candidate, measured on the AMD EPYC (levers_flags_amd_zen5_bf16_dots.json) and not kept.
+    "ynn-dots": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
 }
 
 
@@ -519,7 +522,7 @@ def _child_flags(batches: tuple[int, ...], rounds: int) -> list[Case]:
         for batch in batches:
             for dtype in ("float32", "bfloat16"):
                 cases.append(inference_case(name, batch, dtype))
-    cases.append(train_case(TI, 32, "float32"))
+    cases += [train_case(TI, 32, "float32"), train_case(TI, 32, "bfloat16")]
     speed.measure(cases, rounds, 0.5, lambda _: None)
     return cases
 
