@@ -135,7 +135,10 @@ def notes(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """Issue 14's targets, each with the measured value and whether it is met: fp32 inference
+    (batch 8-64) ≥ 1.3× timm eager, bf16 inference ≥ 1.1× timm's autocast, the training step
+    ≥ 1.2× timm in fp32 and ≥ 1.0× timm's autocast in bf16, DeiT-S fp32 ≥ 70% of the same-run
+    matmul rate; also the first-call compile of the DeiT-Ti forward and the input pipeline."""
     table = list(rows(result))
     checks: list[dict[str, Any]] = []
 
@@ -144,15 +147,18 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"target": name, "value": value, "goal": goal, "unit": unit, "met": met})
 
     for r in table:
-        if r["kind"] == "infer" and r["dtype"] == "float32" and r["batch"] == 32:
-            add(f"fp32 {short_name(r['model'])} b32 vs timm fp32", r["vs_timm"], 1.5)
-            add(f"fp32 {short_name(r['model'])} b32 % of matmul", r["matmul_pct"], 70, "%")
-        if r["kind"] == "infer" and r["dtype"] == "bfloat16":
-            add(f"bf16 {short_name(r['model'])} b{r['batch']} vs timm bf16", r["vs_timm"], 1.0)
-        if r["kind"] == "train" and r["dtype"] == "float32":
-            add(f"train {short_name(r['model'])} b{r['batch']} vs timm fp32", r["vs_timm"], 1.3)
+        name, batch = short_name(r["model"]), r["batch"]
+        if r["kind"] == "infer" and 8 <= batch <= 64:
+            fp32 = r["dtype"] == "float32"
+            dtype, goal = ("fp32", 1.3) if fp32 else ("bf16", 1.1)
+            add(f"{dtype} {name} b{batch} vs timm {dtype}", r["vs_timm"], goal)
+            if fp32 and "small" in r["model"]:
+                add(f"fp32 {name} b{batch} % of matmul", r["matmul_pct"], 70, "%")
+        if r["kind"] == "train":
+            dtype, goal = ("fp32", 1.2) if r["dtype"] == "float32" else ("bf16", 1.0)
+            add(f"train {name} b{batch} {dtype} vs timm {dtype}", r["vs_timm"], goal)
         if r["kind"] == "infer" and "tiny" in r["model"] and r["dtype"] == "float32":
-            add(f"compile Ti forward b{r['batch']}", r["compile_s"], 10, " s", lower=True)
+            add(f"compile Ti forward b{batch}", r["compile_s"], 10, " s", lower=True)
     train = [r["deit"] for r in table if r["kind"] == "train" and r["dtype"] == "float32"]
     for p in result["pipeline"]:
         if train and train[0]:

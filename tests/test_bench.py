@@ -135,7 +135,7 @@ def test_tiny_run_structure(tmp_path, capsys, bench, bench_report):
     assert "DeiT-test⚗" in table and "—" in table  # no timm column values
     checks = bench_report.targets(result)
     names = [c["target"] for c in checks]
-    assert "train DeiT-test⚗ b2 vs timm fp32" in names
+    assert "train DeiT-test⚗ b2 fp32 vs timm fp32" in names
     assert all(set(c) == {"target", "value", "goal", "unit", "met"} for c in checks)
     assert "| target |" in bench_report.format_targets(checks)
     assert "matmul rate" in bench_report.notes(result)
