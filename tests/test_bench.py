@@ -157,3 +157,20 @@ def test_without_torch_it_names_the_extra_to_install(monkeypatch, capsys, bench)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs torch" in err and 'pip install -e ".[test]"' in err
     assert bench.missing_reference(bench.BenchConfig(timm=False)) is None
+
+
+def test_step_probes_read_fusion_sets_and_time_interleaved():
+    sys.path.insert(0, str(BENCH))
+    try:
+        probes = importlib.import_module("step_probes")
+    finally:
+        sys.path.remove(str(BENCH))
+    key = probes.YNN_FUSION_TYPE
+    assert probes._fusion_option("default") is None
+    assert probes._fusion_option("none") == {key: ""}
+    both = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    assert probes._fusion_option("INDIVIDUAL_DOT+REDUCE") == {key: both}
+    x = jax.numpy.ones((8, 8))
+    jax.jit(lambda a: a, compiler_options=probes._fusion_option("INDIVIDUAL_DOT+REDUCE"))(x)
+    rates = probes._interleaved({"a": (jax.jit(lambda a: a @ a), (x,), 4.0)}, rounds=2)
+    assert set(rates) == {"a"} and rates["a"] > 0

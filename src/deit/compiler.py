@@ -10,10 +10,12 @@ flags` (DeiT-Ti/S at 224, batch 32, interleaved runs; bench/results/levers_flags
 - float32: YNNPACK fusions off. On the AMD EPYC XLA's own float32 kernels are faster inside the
   model (DeiT-Ti inference ~94 -> ~115 img/s at batch 32, ~64 -> ~100 at 64; training step
   ~1.2x); on the AMX Intel Xeon the two are level (0.97-1.06x over inference and the training
-  step, levers_flags_intel.json and user_jit.md), so the one choice helps one vendor and costs
-  the other nothing. The AMD run did not record its ISA level (now every bench run does); it is
-  one of the x86 levels below, which all get the float32 option.
+  step, levers_flags_intel.json and user_jit_intel.md), so the one choice helps one vendor and costs
+  the other nothing. Re-measured on an AMD EPYC Zen 5 (level `avx512_bf16`): DeiT-Ti/S
+  inference 1.20x/1.14x, training step 1.27x (levers_flags_amd_zen5.json).
 - other architectures (aarch64, x86 without AVX2): not measured; XLA's defaults.
+- not kept: YNNPACK for bf16 dots only (its convolutions and reductions left to XLA), on the AMD
+  EPYC Zen 5: bf16 inference 0.82-0.85x, training step level (levers_flags_amd_zen5_bf16_dots.json).
 
 oneDNN, also built into jaxlib 0.10's CPU backend (`--xla_cpu_use_onednn=true
 --xla_cpu_experimental_onednn_fusion_type=dot`; torch's CPU kernels come from it), is not
