@@ -65,8 +65,9 @@ VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 
 @functools.cache
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """ "intel", "amd", or "other" (another vendor or architecture, or no `/proc`): from the
-    `vendor_id` of `cpuinfo`. Benchmarks name their results by it, so both vendors' tables stay."""
+    """This CPU's vendor from the `vendor_id` of `cpuinfo`: "intel", "amd", or "other" (another
+    vendor or architecture, or no `/proc`). Benchmarks name their results by it, so both
+    vendors' tables stay."""
     try:
         with open(cpuinfo) as f:
             ids = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
