@@ -194,3 +194,25 @@ def test_help_into_a_closed_pipe_is_not_a_bug():
     )
     assert done.stdout.startswith("usage: deit train")
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+
+
+@pytest.mark.parametrize("error", ["NoSpaceError", "ENOSPC"])
+def test_a_full_disk_line_starts_a_line_of_its_own(error, monkeypatch, capsys):
+    """A writer thread left stderr mid-line (Orbax's failing writes do): the one-line error
+    still starts a line, so a user, and `deit train`'s callers, find it whole."""
+    import errno
+
+    from deit import cli_train
+    from deit.errors import NoSpaceError
+
+    def full(argv):
+        sys.stderr.write("    await ts.open(")  # a traceback line, cut by the thread switch
+        if error == "NoSpaceError":
+            raise NoSpaceError("no space left on the device for /run/checkpoints/26: ...")
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/checkpoints/26")
+
+    monkeypatch.setattr(cli_train, "parse", full)
+    assert cli.main(["train"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln for ln in lines if ln.startswith("deit train: error:")] == [lines[-1]]
+    assert "/run/checkpoints/26" in lines[-1]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deit.errors import InputError
+from deit.errors import InputError, NoSpaceError
 
 
 def _table(summary: dict) -> str:
@@ -361,6 +361,29 @@ def _library_messages() -> Iterator[None]:
         logger.propagate = propagate
 
 
+def _quiet_background_writers() -> None:
+    """After a full disk, Orbax's writer threads still fail on their own (asyncio's "exception
+    was never retrieved", "Event loop is closed" from threads): the same error, already named in
+    the one line the user gets, so their reports are dropped for the rest of the `deit`
+    process (it is about to exit); `--debug` keeps them."""
+    import threading
+
+    logging.getLogger("asyncio").disabled = True
+    threading.excepthook = lambda args: None
+    sys.excepthook = lambda *args: None  # what C++ threads' callbacks print through
+
+
+def _report_no_space(command: str, err: BaseException, quiet: bool) -> int:
+    """The full-disk line, exit 2. Orbax's writer threads may be printing their own failures
+    onto stderr meanwhile, so the line is one write that starts a line of its own, and with
+    `quiet` the threads' later reports are dropped (`_quiet_background_writers`)."""
+    if quiet:
+        _quiet_background_writers()
+    sys.stderr.write(f"\ndeit {command}: error: {_user_message(err)}\n")
+    sys.stderr.flush()
+    return 2
+
+
 # Input the user can fix: one line, exit 2. Anything else is a bug in deit: its traceback.
 USER_ERRORS = (
     InputError,
@@ -407,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
+        if isinstance(err, NoSpaceError):
+            return _report_no_space(command, err, quiet=program and not debug)
         print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
     except Exception as err:
@@ -415,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, OSError) and diskspace.is_no_space(err):  # the machine's state
             if debug:
                 traceback.print_exc()
-            print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
-            return 2
+            return _report_no_space(command, err, quiet=program and not debug)
         traceback.print_exc()
         print(
             f"deit {command}: internal error: this is a bug in deit, not in what you gave it; "
