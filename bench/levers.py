@@ -421,24 +421,11 @@ def lever_wgrad_chunks(batches: tuple[int, ...], rounds: int) -> list[Case]:
 
 
 def _step_parts(dtype: str) -> list[Case]:
+    from step_probes import step_parts
+
     from deit.compiler import compiler_options
-    from deit.teacher import create_teacher
 
-    model = create_model(TI, dtype=speed.DTYPES[dtype], drop_path_rate=0.1)
-    x = jax.random.uniform(jax.random.PRNGKey(0), (32, 224, 224, 3))
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
-    teacher = create_teacher("resnet18", 1000, dtype=speed.DTYPES[dtype])
-    t_vars = jax.jit(teacher.init)(jax.random.PRNGKey(1), x[:1])
-
-    def loss(p: Any, x: jax.Array) -> jax.Array:
-        out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
-        return out.cls_logits.mean() + out.dist_logits.mean()
-
-    parts = {
-        "teacher fwd": (lambda v, x: teacher.apply(v, x), (t_vars, x)),
-        "student fwd": (lambda p, x: model.apply({"params": p}, x).logits, (params, x)),
-        "student fwd+bwd": (jax.grad(loss), (params, x)),
-    }
+    parts = step_parts(dtype)
     cases = []
     for label, (fn, args) in parts.items():
         case = Case("part", label, TI, 32, dtype, 0.0)

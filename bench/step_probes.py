@@ -5,8 +5,8 @@
     python bench/step_probes.py wgrad           # bf16 weight gradients, bf16 vs upcast to f32
     python bench/step_probes.py tree-reduction  # XLA's tree reduction of long sums on and off
 
-`ynn` compiles the ResNet-18 teacher's forward, DeiT-Ti's forward and DeiT-Ti's gradient (batch
-32, stochastic depth on) once per YNNPACK fusion-type set (`default`: XLA's; `none`: no YNNPACK;
+`ynn` compiles `step_parts` (the ResNet-18 teacher's forward, DeiT-Ti's forward and gradient, batch
+32, stochastic depth on), once per YNNPACK fusion-type set (`default`: XLA's; `none`: no YNNPACK;
 else `+`-joined `LIBRARY_FUSION_TYPE_` names). Each probe prints its table and writes
 `bench/results/step_probes_<probe>_<vendor>.json` (`ynn`: `step_probes_ynn_<dtype>_<vendor>.json`).
 The bench's own cases (`bench/levers.py`, `bench/speed.py`) decide what is kept; these say where
@@ -73,12 +73,9 @@ def _fusion_option(setting: str) -> dict[str, str] | None:
     return {YNN_FUSION_TYPE: ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in setting.split("+"))}
 
 
-def ynn(
-    dtype: str = "bfloat16",
-    settings: tuple[str, ...] = ("default", "INDIVIDUAL_DOT"),
-    rounds: int = 4,
-) -> None:
-    """Teacher forward, DeiT-Ti forward and gradient per YNNPACK fusion-type set (images/s)."""
+def step_parts(dtype: str) -> dict[str, tuple[Callable, tuple]]:
+    """The distillation step's parts at batch 32, uncompiled, each as `(fn, args)`: the
+    ResNet-18 teacher's forward, DeiT-Ti's forward, DeiT-Ti's gradient (stochastic depth on)."""
     dt = jnp.dtype(dtype)
     x = jax.random.uniform(jax.random.PRNGKey(0), (32, 224, 224, 3))
     teacher = create_teacher("resnet18", 1000, dtype=dt)
@@ -90,11 +87,20 @@ def ynn(
         out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
         return out.cls_logits.mean() + out.dist_logits.mean()
 
-    parts = {
+    return {
         "teacher fwd": (lambda v, x: teacher.apply(v, x), (t_vars, x)),
         "student fwd": (lambda p, x: model.apply({"params": p}, x).logits, (params, x)),
-        "student grad": (jax.grad(loss), (params, x)),
+        "student fwd+bwd": (jax.grad(loss), (params, x)),
     }
+
+
+def ynn(
+    dtype: str = "bfloat16",
+    settings: tuple[str, ...] = ("default", "INDIVIDUAL_DOT"),
+    rounds: int = 4,
+) -> None:
+    """`step_parts` per YNNPACK fusion-type set (images/s)."""
+    parts = step_parts(dtype)
     fns = {}
     for setting in settings:
         options = _fusion_option(setting)
@@ -164,23 +170,16 @@ def tree_reduction(rounds: int = 4) -> None:
     """DeiT-Ti's gradient (batch 32) with XLA's tree reduction of long sums (the reduce-windows
     the CPU backend emits for every bias and LayerNorm gradient) on and off (images/s), and how
     far the gradients move when it is off (max relative difference over the parameters)."""
-    x = jax.random.uniform(jax.random.PRNGKey(0), (32, 224, 224, 3))
     fns, config = {}, {}
     for dtype in ("float32", "bfloat16"):
-        model = create_model(TI, dtype=jnp.dtype(dtype), drop_path_rate=0.1)
-        params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])["params"]
-
-        def loss(p: Any, x: jax.Array, model: Any = model) -> jax.Array:
-            out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
-            return out.cls_logits.mean() + out.dist_logits.mean()
-
+        grad, args = step_parts(dtype)["student fwd+bwd"]
         base = compiler_options(dtype) or {}
         off = {**base, "xla_disable_hlo_passes": "tree_reduction_rewriter"}
         grads = {}
         for name, options in (("on", base), ("off", off)):
-            compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(params, x).compile()
-            fns[f"{dtype} tree reduction {name}"] = (compiled, (params, x), 32)
-            grads[name] = compiled(params, x)
+            compiled = jax.jit(grad, compiler_options=options).lower(*args).compile()
+            fns[f"{dtype} tree reduction {name}"] = (compiled, args, 32)
+            grads[name] = compiled(*args)
         pairs = zip(jax.tree.leaves(grads["on"]), jax.tree.leaves(grads["off"]), strict=True)
         diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12)) for a, b in pairs)
         config[f"{dtype} max relative gradient difference"] = diff
