@@ -522,14 +522,7 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
     result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     result["command"] = shlex.join(["python", "bench/speed.py", *sys.argv[1:]])
     result["targets"] = speed_report.targets(result)
-    text = "\n\n".join(
-        [
-            speed_report.markdown(result),
-            speed_report.notes(result),
-            speed_report.format_targets(result["targets"]),
-            f"`{result['command']}`",
-        ]
-    )
+    text = speed_report.report(result)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2))
     if cfg.markdown:

@@ -136,7 +136,7 @@ def test_tiny_run_structure(tmp_path, capsys, bench, bench_report):
     checks = bench_report.targets(result)
     names = [c["target"] for c in checks]
     assert "train DeiT-test⚗ b2 fp32 vs timm fp32" in names
-    assert all(set(c) == {"target", "value", "goal", "unit", "met"} for c in checks)
+    assert all(set(c) == {"target", "value", "goal", "unit", "met", "ceiling"} for c in checks)
     assert "| target |" in bench_report.format_targets(checks)
     assert "matmul rate" in bench_report.notes(result)
 
@@ -144,6 +144,32 @@ def test_tiny_run_structure(tmp_path, capsys, bench, bench_report):
 def test_short_names(bench_report):
     assert bench_report.short_name("deit_tiny_distilled_patch16_224") == "DeiT-Ti⚗"
     assert bench_report.short_name("deit_small_patch16_224") == "DeiT-S"
+
+
+def test_ceiling_is_the_ratio_at_the_matmul_rate(bench_report):
+    """deit at 150 of a 300 GFLOP/s matmul and 0.8x timm could reach at most 1.6x timm."""
+
+    def case(kind, impl, rate, gflops=None, model="deit_small_distilled_patch16_224"):
+        info = {"compile_s": 1.0, "xla_mib": 1.0}
+        return {"kind": kind, "impl": impl, "model": model, "batch": 32, "dtype": "float32"} | {
+            "images_per_s": rate, "gflops_per_s": gflops, "info": info
+        }  # fmt: skip
+
+    result = {
+        "cases": [
+            case("matmul", "xla", 1.0, 300.0, model="2048x2048"),
+            case("infer", "deit", 20.0, 150.0),
+            case("infer", "timm", 25.0),
+        ],
+        "pipeline": [],
+    }
+    (row,) = bench_report.rows(result)
+    assert row["vs_timm"] == pytest.approx(0.8) and row["matmul_pct"] == pytest.approx(50)
+    assert row["ceiling"] == pytest.approx(1.6)
+    checks = {c["target"]: c for c in bench_report.targets(result)}
+    assert checks["fp32 DeiT-S⚗ b32 vs timm fp32"]["ceiling"] == pytest.approx(1.6)
+    assert checks["fp32 DeiT-S⚗ b32 % of matmul"]["ceiling"] is None
+    assert "| no | 1.60× |" in bench_report.format_targets(list(checks.values()))
 
 
 def test_without_torch_it_names_the_extra_to_install(monkeypatch, capsys, bench):
