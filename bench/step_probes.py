@@ -2,6 +2,7 @@
 
     python bench/step_probes.py ynn --dtype bfloat16 --settings default INDIVIDUAL_DOT
     python bench/step_probes.py attention       # attention's batched matmuls, GFLOP/s
+    python bench/step_probes.py attention-core  # the core's forms: (B, h) batch, flat, chunks
     python bench/step_probes.py wgrad           # bf16 weight gradients, bf16 vs upcast to f32
     python bench/step_probes.py tree-reduction  # XLA's tree reduction of long sums on and off
 
@@ -133,6 +134,40 @@ def attention(tokens: tuple[int, ...] = (198, 200, 208, 224), rounds: int = 5) -
     _write("attention", {"tokens": list(tokens)}, _interleaved(fns, rounds), "GFLOP/s, float32")
 
 
+def attention_core(chunks: tuple[int, ...] = (4, 32), rounds: int = 11) -> None:
+    """DeiT-Ti's attention core (softmax(q·kᵀ/√d)·v, 3 heads of 64, 198 tokens) forward + backward
+    at batch 32, float32 without YNNPACK, in three forms (images/s through one block's core): the
+    code's einsums over `(B, h)`, the same over a flattened `(B·h)` batch, and the batch split into
+    `chunks` independent cores (smaller batched matmuls XLA's thunk executor may run side by
+    side)."""
+    b, h, t, d = 32, 3, 198, 64
+    rng = np.random.default_rng(0)
+    q, k, v, g = (jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32) for _ in range(4))
+
+    def core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        s = jnp.einsum("...qd,...kd->...qk", q * d**-0.5, k)
+        return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(s, axis=-1), v)
+
+    def flat(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return core(*(x.reshape(b * h, t, d) for x in (q, k, v))).reshape(b, h, t, d)
+
+    def split(n: int) -> Callable:
+        def f(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            parts = zip(*(jnp.split(x, n) for x in (q, k, v)), strict=True)
+            return jnp.concatenate([core(*p) for p in parts])
+
+        return f
+
+    forms = {"einsums over (B, h)": core, "flattened (B*h)": flat}
+    forms |= {f"{n} chunks of the batch": split(n) for n in chunks}
+    fns = {}
+    for name, form in forms.items():
+        grad = jax.grad(lambda q, k, v, f=form: (f(q, k, v) * g).sum(), (0, 1, 2))
+        fns[name] = (jax.jit(grad, compiler_options=XLA_ONLY), (q, k, v), b)
+    config = {"chunks": list(chunks), "rounds": rounds}
+    _write("attention_core", config, _interleaved(fns, rounds), "images/s, fwd+bwd, batch 32")
+
+
 def wgrad(rounds: int = 5) -> None:
     """DeiT-Ti's Dense shapes at batch 32 (6336 rows): the bf16 forward `x·W`, the bf16 weight
     gradient `xᵀ·g`, and that gradient with x and g upcast to float32, with YNNPACK (the bf16
@@ -189,5 +224,11 @@ def tree_reduction(rounds: int = 4) -> None:
 
 if __name__ == "__main__":
     tyro.extras.subcommand_cli_from_dict(
-        {"ynn": ynn, "attention": attention, "wgrad": wgrad, "tree-reduction": tree_reduction}
+        {
+            "ynn": ynn,
+            "attention": attention,
+            "attention-core": attention_core,
+            "wgrad": wgrad,
+            "tree-reduction": tree_reduction,
+        }
     )
