@@ -156,10 +156,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ceiling: float | None = None,
     ):
         met = value is not None and (value <= goal if lower else value >= goal)
-        checks.append(
-            {"target": name, "value": value, "goal": goal, "unit": unit, "met": met}
-            | {"ceiling": ceiling}
-        )
+        check = {"target": name, "value": value, "goal": goal, "unit": unit, "met": met}
+        checks.append(check | {"ceiling": ceiling})
 
     for r in table:
         name, batch = short_name(r["model"]), r["batch"]
