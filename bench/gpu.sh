@@ -1,57 +1,84 @@
 #!/usr/bin/env bash
-# The GPU table on a fresh NVIDIA machine, in one run: DeiT-Ti/S/B inference at batch 256 and the
-# hard-distillation training step at batch 256, bf16, deit (JAX on CUDA, fused cuDNN attention)
-# against timm (AMP bf16 eager and torch.compile), JSON and markdown into one folder.
+# The GPU page in one run of about 6 minutes: `bench/gpu.py` table (deit against timm eager and
+# torch.compile), compile (the training step's first compile, cold and cached) and loop (`deit
+# train` on synthetic input against its bare step), each under its own timeout and log, then the
+# report, bench/results/gpu_<gpu>.{json,md}.
 #
-#   bash bench/gpu.sh [OUT]            # installs into .venv-gpu, then measures (about 8 minutes)
-#   bash bench/gpu.sh --dry-run [OUT]  # on any machine: prints the install, runs the same script
-#                                      # on CPU with a tiny model and no reference (seconds)
-set -euo pipefail
+#   bash bench/gpu.sh --wheels          # on a machine with network, once: the wheels a GPU
+#                                       # machine without network lacks, into .whl/ (ignored)
+#   bash bench/gpu.sh [OUT]             # on the GPU machine; logs and JSON in OUT
+#   bash bench/gpu.sh --dry-run [OUT]   # anywhere: the same stages on the CPU, tiny model, no torch
+#
+# Which Python: $PYTHON, else python3. When it already has JAX on CUDA, torch with CUDA and timm
+# (a cluster node, a rented GPU box), it is used as it is, with the project's other dependencies
+# installed from .whl/ into a folder on PYTHONPATH, without network. Otherwise a venv is made
+# from the network (.venv-gpu, jax[cuda13] + the test extra).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
+wheels=(grain==0.2.18 array-record==0.8.6 tyro tensorboardX docstring-parser typeguard shtab portpicker)
+
+if [[ "${1:-}" == "--wheels" ]]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${wheels[@]}"
+fi
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
-out=${1:-bench/results/gpu}
+out=$(realpath -m "${1:-$root/bench/results/gpu_run}")
 mkdir -p "$out"
-
-# The CUDA plugin must match the jaxlib that `pip install -e .` resolves (jax 0.10.x on Python 3.11).
-install=(
-  "python3 -m venv .venv-gpu"
-  ". .venv-gpu/bin/activate"
-  "pip install -e .[test]"  # torch==2.14.1 from PyPI is its CUDA build on Linux x86_64
-  "pip install jax-cuda12-plugin[with-cuda]==\$(python -c 'import jaxlib; print(jaxlib.__version__)')"
-)
-ti=deit_tiny_distilled_patch16_224
-s=deit_small_distilled_patch16_224
-b=deit_base_distilled_patch16_224
-measure=(
-  python bench/speed.py --models "$ti" "$s" "$b" --batches 256 --dtypes bfloat16
-  --train-models "$ti" --train-batch 256 --compile-batches 256 --rounds 3 --min-seconds 0.3
-  --pipeline-workers --torch-device cuda --out "$out/speed.json" --markdown "$out/speed.md"
-)
+python=${PYTHON:-python3}
+flag=()
 
 if [[ $dry == 1 ]]; then
-  printf '+ %s\n' "${install[@]}"
-  echo "+ ${measure[*]}"
-  python=${PYTHON:-python}
-  # The same script end to end on CPU, small enough to finish in seconds.
-  "$python" bench/speed.py --models deit_test_distilled_patch4_32 --batches 2 --dtypes bfloat16 \
-    --train-models deit_test_distilled_patch4_32 --train-batch 4 --no-timm --rounds 1 \
-    --min-seconds 0 --compile-batches --pipeline-workers --out "$out/dry_run.json" \
-    --markdown "$out/dry_run.md"
-  exit 0
-fi
-
-for step in "${install[@]}"; do
-  echo "+ $step"
-  eval "$step"
-done
-python - <<'PY'
-import jax, torch
-assert jax.default_backend() == "gpu", f"JAX runs on {jax.default_backend()}, not the GPU"
-assert torch.cuda.is_available(), "torch sees no CUDA device"
-print("JAX", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.get_device_name())
+  flag=(--dry-run)
+  export PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
+elif "$python" -c 'import jax, torch, timm; assert jax.default_backend() == "gpu" and torch.cuda.is_available()' 2>/dev/null; then
+  echo "using $(command -v "$python"): JAX on CUDA, torch with CUDA and timm are there"
+  site=$(mktemp -d /tmp/deit-site.XXXX)
+  missing=$("$python" - <<'PY'
+import importlib.util
+names = {"grain": "grain", "array_record": "array-record", "tyro": "tyro",
+         "tensorboardX": "tensorboardX", "docstring_parser": "docstring-parser",
+         "typeguard": "typeguard", "shtab": "shtab", "portpicker": "portpicker"}
+print(" ".join(w for m, w in names.items() if importlib.util.find_spec(m) is None))
 PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" || true
-start=$(date +%s)
-"${measure[@]}"
-echo "measured in $(( $(date +%s) - start )) s; tables in $out/speed.md"
+)
+  if [[ -n $missing ]]; then
+    echo "installing from .whl/ without network: $missing"
+    files=()
+    for name in $missing; do
+      pattern=$(echo "$name" | tr 'A-Z-' 'a-z_')
+      match=$(ls .whl 2>/dev/null | tr 'A-Z' 'a-z' | grep -n "^${pattern}-" | head -1 | cut -d: -f1)
+      [[ -z $match ]] && { echo "no wheel of $name in .whl/: run 'bash bench/gpu.sh --wheels' on a machine with network"; exit 1; }
+      files+=(".whl/$(ls .whl | sed -n "${match}p")")
+    done
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${files[@]}" || exit 1
+  fi
+  export PYTHONPATH=$site:$root/src
+else
+  echo "no Python with JAX on CUDA, torch with CUDA and timm: making .venv-gpu from the network"
+  python3 -m venv .venv-gpu && . .venv-gpu/bin/activate || exit 1
+  pip install -q -e ".[test]" "jax[cuda13]" || exit 1
+  python=python
+  unset PYTHONPATH
+fi
+# JAX and torch share the GPU: JAX takes memory as it needs it instead of 75% at start.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>/dev/null
+
+stage() {  # stage NAME SECONDS: one part of gpu.py, with its own timeout and log
+  local start=$(date +%s)
+  timeout -k 10 "$2" "$python" "$root/bench/gpu.py" "$1" "${flag[@]}" --out "$out/$1.json" \
+    > "$out/$1.log" 2>&1
+  echo "$1: exit $? after $(( $(date +%s) - start )) s (log: $out/$1.log)"
+}
+stage table 270
+stage compile 140
+stage loop 120
+gpu=$(head -2 "$out/gpu.csv" 2>/dev/null | tail -1 | cut -d, -f1 | tr 'A-Z ' 'a-z_' | tr -cd 'a-z0-9_')
+name=gpu_${gpu:-unknown}
+[[ $dry == 1 ]] && name=gpu_dry_run
+"$python" "$root/bench/gpu.py" report --dir "$out" --name "$name" > "$out/report.log" 2>&1
+echo "report: bench/results/$name.md"

@@ -199,26 +199,37 @@ def _compiled_case(case: Case, jitted: Any, args: tuple, after: Callable[[Any], 
     return case
 
 
-def inference_case(name: str, batch: int, dtype: str, seed: int = 0) -> Case:
-    """The averaged-heads logits of `name` on a float32 `(batch, S, S, 3)` batch."""
+def inference_program(
+    name: str, batch: int, dtype: str, seed: int = 0, options: dict[str, Any] | None = None
+) -> tuple[Case, Any, tuple]:
+    """(case, jitted, args): the averaged-heads logits of `name` on a float32 `(batch, S, S, 3)`
+    batch; `options` are XLA compiler options (default: the package's, `compiler_options`)."""
     model = create_model(name, dtype=DTYPES[dtype])
     params = init_params(model, seed)
     s = get_spec(name).img_size
     x = jax.random.normal(jax.random.PRNGKey(seed), (batch, s, s, 3), jnp.float32)
     fn = jax.jit(
         lambda p, x: model.apply({"params": p}, x).logits,
-        compiler_options=compiler_options(DTYPES[dtype]),
+        compiler_options=compiler_options(DTYPES[dtype]) if options is None else options,
     )
     case = Case("infer", "deit", resolve_name(name), batch, dtype, float(flops_per_image(model)))
-    return _compiled_case(case, fn, (params, x), lambda out: None)
+    return case, fn, (params, x)
 
 
-def train_case(
-    name: str, batch: int, dtype: str, teacher: str = "resnet18", drop_path: float = 0.1,
+def inference_case(name: str, batch: int, dtype: str, seed: int = 0) -> Case:
+    """`inference_program`, compiled and run once."""
+    case, fn, args = inference_program(name, batch, dtype, seed)
+    return _compiled_case(case, fn, args, lambda out: None)
+
+
+def train_program(
+    name: str, batch: int, dtype: str, teacher: str | None = "resnet18", drop_path: float = 0.1,
     seed: int = 0, donate: bool = True, remat: bool = False, teacher_dtype: str | None = None,
-) -> Case:  # fmt: skip
-    """One hard-distillation training step of `name` with a `teacher` ResNet at `batch`; the
-    teacher computes in `teacher_dtype` (default: the student's `dtype`)."""
+    options: dict[str, Any] | None = None,
+) -> tuple[Case, Any, tuple]:  # fmt: skip
+    """(case, jitted, args): one hard-distillation training step of `name` with a `teacher`
+    ResNet at `batch` (None: no teacher, no distillation); the teacher computes in
+    `teacher_dtype` (default: the student's `dtype`). `options` as in `inference_program`."""
     from deit.augment import ErasingConfig, MixupConfig
     from deit.losses import LossConfig
     from deit.optim import OptimConfig, create_optimizer
@@ -228,14 +239,16 @@ def train_case(
     spec = get_spec(name)
     model = create_model(name, dtype=DTYPES[dtype], drop_path_rate=drop_path, remat=remat)
     s, k = spec.img_size, spec.num_classes
-    t_model = create_teacher(teacher, k, dtype=DTYPES[teacher_dtype or dtype])
     image = jnp.zeros((1, s, s, 3), jnp.float32)
-    t_vars = jax.jit(t_model.init)(jax.random.PRNGKey(seed + 1), image)
-    t = Teacher.from_resnet(t_model, t_vars, IMAGENET_MEAN, IMAGENET_STD)
+    t, teacher_flops = None, 0
+    if teacher is not None:
+        t_model = create_teacher(teacher, k, dtype=DTYPES[teacher_dtype or dtype])
+        t_vars = jax.jit(t_model.init)(jax.random.PRNGKey(seed + 1), image)
+        t = Teacher.from_resnet(t_model, t_vars, IMAGENET_MEAN, IMAGENET_STD)
+        teacher_flops = matmul_flops(lambda v, x: t_model.apply(v, x), t_vars, image)
     tx, schedule = create_optimizer(OptimConfig(), batch, 1000)
-    cfg = StepConfig(
-        k, IMAGENET_MEAN, IMAGENET_STD, MixupConfig(), ErasingConfig(), LossConfig("hard")
-    )
+    loss = LossConfig("hard" if teacher is not None else "none")
+    cfg = StepConfig(k, IMAGENET_MEAN, IMAGENET_STD, MixupConfig(), ErasingConfig(), loss)
     state = init_state(model, tx, cfg, seed, (s, s, 3))
     rng = np.random.default_rng(seed)
     data = {
@@ -245,13 +258,23 @@ def train_case(
     step = jax.jit(
         make_train_step(model, tx, schedule, cfg),
         donate_argnums=0 if donate else (),
-        compiler_options=compiler_options(DTYPES[dtype]),
+        compiler_options=compiler_options(DTYPES[dtype]) if options is None else options,
     )
     student = flops_per_image(model)
-    teacher_flops = matmul_flops(lambda v, x: t_model.apply(v, x), t_vars, image)
     case = Case("train", "deit", resolve_name(name), batch, dtype, 3.0 * student + teacher_flops)
     case.info.update(teacher=teacher, teacher_flops=teacher_flops, donate=donate, remat=remat)
-    return _compiled_case(case, step, (state, data, t), lambda out: out[0])
+    return case, step, (state, data, t)
+
+
+def train_case(
+    name: str, batch: int, dtype: str, teacher: str = "resnet18", drop_path: float = 0.1,
+    seed: int = 0, donate: bool = True, remat: bool = False, teacher_dtype: str | None = None,
+) -> Case:  # fmt: skip
+    """`train_program`, compiled and run once."""
+    case, step, args = train_program(
+        name, batch, dtype, teacher, drop_path, seed, donate, remat, teacher_dtype
+    )
+    return _compiled_case(case, step, args, lambda out: out[0])
 
 
 def matmul_case(n: int = 2048, dtype: str = "float32", seed: int = 0) -> Case:

@@ -54,6 +54,26 @@ def run_for(call: Callable[[], int], min_seconds: float, warmup: int = 1) -> tup
             return images, elapsed, calls
 
 
+def run_async(
+    call: Callable[[], int], sync: Callable[[], Any], min_seconds: float, n: int = 1
+) -> tuple[int, float, int]:
+    """Like `run_for`, for a device that queues work: `n` calls are dispatched back to back and
+    waited for once (`sync`), `n` growing until they take `min_seconds` (start from the `calls`
+    a previous round returned); one untimed call first. Returns `(images, seconds, calls)` of
+    the last, long enough, batch of calls."""
+    call()
+    sync()
+    while True:
+        images, start = 0, time.perf_counter()
+        for _ in range(n):
+            images += call()
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return images, elapsed, n
+        n = max(2 * n, int(n * 1.2 * min_seconds / max(elapsed, 1e-6)))
+
+
 def max_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -88,6 +108,25 @@ class TorchWorker:
         if not ready:
             self.kill()
             raise TimeoutError(f"no reply to {message[0]!r} within {timeout:.0f} s")
+        try:
+            status, value = pickle.load(self._r)
+        except EOFError as err:
+            raise RuntimeError(f"the torch worker died (exit code {self.proc.wait()})") from err
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def send(self, *message: Any) -> None:
+        """Send `message` without waiting; its reply is read later with `receive`, in order."""
+        pickle.dump(message, self._w)
+        self._w.flush()
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next reply (`send`'s, in order): its value, RuntimeError on its error, None
+        when none came within `timeout` seconds (the worker keeps working)."""
+        ready, _, _ = select.select([self._r], [], [], timeout)
+        if not ready:
+            return None
         try:
             status, value = pickle.load(self._r)
         except EOFError as err:
@@ -136,15 +175,20 @@ def _inference(spec: dict[str, Any]) -> Callable[[], int]:
 
     device = spec.get("device", "cpu")
     model = timm.create_model(spec["model"], num_classes=spec["num_classes"]).eval().to(device)
-    if spec["compile"]:
-        model = torch.compile(model)
     b, s = spec["batch"], spec["img_size"]
     x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
+    if spec.get("channels_last"):  # timm's `--channels-last`, as its benchmark.py runs on GPUs
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if spec["compile"]:
+        model = torch.compile(model)
+    sync = spec.get("sync_each", True)
 
     def call() -> int:
         with torch.inference_mode(), _autocast(spec["dtype"], device):
             model(x)
-        _synchronize(device)
+        if sync:
+            _synchronize(device)
         return b
 
     return call
@@ -192,7 +236,8 @@ def _train(spec: dict[str, Any]) -> Callable[[], int]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _synchronize(device)
+        if spec.get("sync_each", True):
+            _synchronize(device)
         return b
 
     return call
@@ -203,6 +248,8 @@ def _serve(read_fd: int, write_fd: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     cases: dict[str, Callable[[], int]] = {}
+    calls: dict[str, int] = {}  # per case, the calls its last GPU run needed
+    devices: dict[str, str] = {}
     r, w = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
     while True:
         try:
@@ -219,10 +266,21 @@ def _serve(read_fd: int, write_fd: int, threads: int) -> None:
                 call()
                 first = time.perf_counter() - built
                 cases[key] = call
+                devices[key] = spec.get("device", "cpu")
                 value: Any = {"build_s": built - tick, "first_call_s": first}
             elif op == "run":
                 _, key, min_seconds = message
                 value = run_for(cases[key], min_seconds)
+            elif op == "run_gpu":
+                _, key, min_seconds = message
+                device = devices.get(key, "cpu")
+                value = run_async(
+                    cases[key], lambda: _synchronize(device), min_seconds, calls.get(key, 1)
+                )
+                calls[key] = value[2]
+            elif op == "peak_mib":
+                value = torch.cuda.max_memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
             elif op == "stats":
                 import timm
 

@@ -4,6 +4,9 @@ import os
 
 # Two fake CPU devices: every training test then exercises the sharded batch path.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# `deit train` keeps compiled programs in $DEIT_HOME/jax-cache by default; tests that want a
+# shared cache say so (`runs.compile_cache`), so a compilation that differs still shows.
+os.environ.setdefault("DEIT_COMPILE_CACHE", "0")
 
 
 import pytest

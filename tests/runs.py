@@ -34,6 +34,8 @@ def _env(cache: Path | None, **extra: str) -> dict[str, str]:
         # run compiles on its own, so a compilation that differed between processes still shows.
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    else:
+        env["DEIT_COMPILE_CACHE"] = "0"
     return env
 
 

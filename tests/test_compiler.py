@@ -112,3 +112,31 @@ def test_deit_jit_passes_the_options_and_keeps_the_numbers(monkeypatch, fresh_ca
     assert "compiler_options" not in seen[-1]  # bf16 keeps XLA's defaults
     plain = real(model.apply)(variables, x).logits
     np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def restore_cache_dir():
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_compile_cache_is_on_by_default_and_yields_to_the_user(
+    tmp_path, monkeypatch, restore_cache_dir
+):
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("DEIT_COMPILE_CACHE", "0")
+    assert compiler.use_compile_cache(tmp_path / "a") is None
+    assert jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("DEIT_COMPILE_CACHE", "1")
+    assert compiler.use_compile_cache(tmp_path / "a", enabled=False) is None
+    assert compiler.use_compile_cache(tmp_path / "a") == str(tmp_path / "a")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == compiler.CACHE_MIN_COMPILE_S
+    # A folder chosen already (JAX_COMPILATION_CACHE_DIR, jax.config) is kept.
+    assert compiler.use_compile_cache(tmp_path / "b") == str(tmp_path / "a")

@@ -367,15 +367,43 @@ def test_patch_embed_init_follows_fan_in(tiny):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_attention_path_matches_the_einsums(dtype, monkeypatch):
-    """The GPU path (`jax.nn.dot_product_attention`) gives what the CPU path gives; checked on
-    CPU by forcing it (XLA's reference implementation of the same function)."""
+    """The GPU path (`jax.nn.dot_product_attention` on q, k, v sliced from qkv in (B, T, h, d))
+    gives what the CPU path gives; checked on CPU by forcing it (`DEIT_ATTENTION=xla`: XLA's own
+    implementation of the function the cuDNN kernel implements on the GPU)."""
     model = deit.create_model("deit_test_distilled_patch4_32", dtype=dtype)
     variables = {"params": deit.init_params(model, 1)}
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     out = {}
-    for choice in ("einsum", "fused"):
+    for choice in ("einsum", "xla"):
         monkeypatch.setenv("DEIT_ATTENTION", choice)
         out[choice] = np.asarray(jax.jit(model.apply)(variables, x).logits, np.float32)
     tol = 1e-5 if dtype == "float32" else 3e-2
-    np.testing.assert_allclose(out["fused"], out["einsum"], rtol=0, atol=tol)
-    assert not np.array_equal(out["fused"], np.zeros_like(out["fused"]))
+    np.testing.assert_allclose(out["xla"], out["einsum"], rtol=0, atol=tol)
+    assert not np.array_equal(out["xla"], np.zeros_like(out["xla"]))
+
+
+def test_attention_kernel_is_chosen_by_backend_and_refused_where_it_cannot_run(monkeypatch):
+    from deit.errors import InputError
+    from deit.layers import attention_kernel, f32_outputs
+
+    monkeypatch.delenv("DEIT_ATTENTION", raising=False)
+    assert jax.default_backend() == "cpu"
+    assert attention_kernel(jnp.bfloat16, 64) == "einsum"  # the GPU's cudnn is never picked here
+    assert f32_outputs(jnp.bfloat16) and not f32_outputs(jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_kernel(jnp.bfloat16, 64) == "cudnn"
+    assert attention_kernel(jnp.float16, 32) == "cudnn"
+    assert attention_kernel(jnp.float32, 64) == "einsum"  # cuDNN's fused kernel has no fp32
+    assert attention_kernel(jnp.bfloat16, 12) == "einsum"  # head_dim not a multiple of 8
+    assert attention_kernel(jnp.bfloat16, 256) == "einsum"
+    assert not f32_outputs(jnp.bfloat16)  # cuBLAS writes bf16, accumulating in float32
+    monkeypatch.setenv("DEIT_ATTENTION", "cudnn")
+    with pytest.raises(InputError, match=r"DEIT_ATTENTION=cudnn needs .* float32, head_dim 64"):
+        attention_kernel(jnp.float32, 64)
+    monkeypatch.setenv("DEIT_ATTENTION", "flash")
+    with pytest.raises(InputError, match=r"DEIT_ATTENTION='flash'; expected one of"):
+        attention_kernel(jnp.bfloat16, 64)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setenv("DEIT_ATTENTION", "cudnn")
+    with pytest.raises(InputError, match="got cpu, bfloat16"):
+        attention_kernel(jnp.bfloat16, 64)

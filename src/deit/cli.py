@@ -59,6 +59,10 @@ def cmd_train(argv: list[str]) -> None:
         )
 
     parallel.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id, cfg.parallel, lost)
+    from deit.compiler import use_compile_cache
+    from deit.data.config import cache_home
+
+    use_compile_cache(cache_home() / "jax-cache", cmd.compile_cache)
     from deit.run import finetune, train_and_evaluate
     from deit.signals import Interrupted
 

@@ -99,6 +99,10 @@ class TrainCommand:
     """JSON or YAML file of settings (a run's config.json, or a partial tree) over the recipe."""
     print_config: bool = False
     """Print the resolved settings as JSON (for --config) and exit."""
+    compile_cache: bool = True
+    """Keep compiled programs in $DEIT_HOME/jax-cache (JAX's persistent compilation cache), so
+    that a second run of the same shapes starts without compiling again (also
+    DEIT_COMPILE_CACHE=0 turns it off)."""
     resume: bool = False
     """Continue the run in --output with its config.json (flags given here override it)."""
     coordinator: str | None = None

@@ -47,8 +47,9 @@ class ModelConfig:
     """Registered variant (official `--model`); with `finetune` the checkpoint's network."""
     drop_path_rate: float = 0.1
     """Stochastic depth, rising linearly to this rate over the blocks (official `--drop-path`)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype; parameters, optimiser state and the loss stay float32."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype; parameters, optimiser state and the loss stay float32. auto: bfloat16 on a
+    GPU (as the official code's AMP), float32 elsewhere (`resolve_dtype`)."""
     remat: bool = False
     """Recompute block activations in the backward pass (less memory, more compute)."""
 
@@ -144,6 +145,15 @@ class TrainConfig:
     @property
     def epochs(self) -> int:
         return self.optim.epochs
+
+
+def resolve_dtype(cfg: TrainConfig, backend: str) -> TrainConfig:
+    """`cfg` with `model.dtype` "auto" made concrete for `backend` (`jax.default_backend()`):
+    bfloat16 on "gpu", float32 elsewhere; a concrete dtype is kept."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    dtype = "bfloat16" if backend == "gpu" else "float32"
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
 
 
 def imagenet() -> TrainConfig:

@@ -3,10 +3,13 @@
 Numerics follow the reference weights (DeiT paper §3, timm `vision_transformer.py`): pre-norm
 blocks, LayerNorm eps 1e-6, fused `qkv` projection with bias in `[q | k | v]` head-major order,
 attention scale `head_dim ** -0.5`, exact (erf) GELU. Parameters are float32; `dtype` is the
-compute dtype. Softmax statistics are always float32 so bf16 attention stays finite, and bf16
-matmuls accumulate in float32 (`preferred_element_type`): more accurate, and the form XLA's CPU
-backend hands to YNNPACK's bf16 kernels (1.6-2x faster than bf16-out dots, `bench/levers.py
-bf16`; `deit.compiler` keeps YNNPACK on for bf16 programs for this reason).
+compute dtype. Softmax statistics are always float32 so bf16 attention stays finite. bf16
+matmuls accumulate in float32 on every backend; on the CPU they also *return* float32
+(`preferred_element_type`), the form XLA's CPU backend hands to YNNPACK's bf16 kernels (1.6-2x
+faster than bf16-out dots, `bench/levers.py bf16`), while on the GPU they return bf16 as
+cuBLAS/cuDNN's epilogues do (a float32 output would double the bytes each matmul writes). Which
+kernels a program gets is chosen while tracing, by backend and dtype (`attention_kernel`,
+`f32_outputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from deit.errors import InputError
 
 LN_EPS = 1e-6
 
@@ -60,8 +65,11 @@ def _f32_conv(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs).astype(lhs.dtype)
 
 
-def _low_precision(dtype: Any) -> bool:
-    return dtype is not None and jnp.dtype(dtype) != jnp.float32
+def f32_outputs(dtype: Any) -> bool:
+    """Whether matmuls and convolutions computing in `dtype` return float32 before the cast back
+    (the CPU's fast bf16 form) rather than `dtype` itself (the GPU's). Read while tracing."""
+    low = dtype is not None and jnp.dtype(dtype) != jnp.float32
+    return low and jax.default_backend() == "cpu"
 
 
 def dense(features: int, name: str, dtype: jnp.dtype) -> nn.Dense:
@@ -70,7 +78,7 @@ def dense(features: int, name: str, dtype: jnp.dtype) -> nn.Dense:
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=dense_init,
-        dot_general=_f32_dot if _low_precision(dtype) else None,
+        dot_general=_f32_dot if f32_outputs(dtype) else None,
         name=name,
     )
 
@@ -98,7 +106,7 @@ class PatchEmbed(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            conv_general_dilated=_f32_conv if _low_precision(self.dtype) else None,
+            conv_general_dilated=_f32_conv if f32_outputs(self.dtype) else None,
             kernel_init=_symmetric_uniform(bound),
             bias_init=_symmetric_uniform(bound),
             name="proj",
@@ -107,14 +115,36 @@ class PatchEmbed(nn.Module):
         return x.reshape(b, gh * gw, d)
 
 
-def fused_attention() -> bool:
-    """Whether attention uses `jax.nn.dot_product_attention` (on GPU: cuDNN's fused kernel) or
-    the two einsums (elsewhere: on CPU the einsums are the faster of the two, `bench/attention.py`).
-    Read while tracing; `DEIT_ATTENTION=fused|einsum` overrides the choice by backend."""
-    choice = os.environ.get("DEIT_ATTENTION", "")
-    if choice in ("fused", "einsum"):
-        return choice == "fused"
-    return jax.default_backend() == "gpu"
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn")
+
+
+def attention_kernel(dtype: Any, head_dim: int) -> str:
+    """The attention kernel for a program computing in `dtype` with heads of `head_dim`:
+
+    - "cudnn": cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, forward
+      and backward; on NVIDIA GPUs for bf16/fp16 with `head_dim` a multiple of 8 up to 128.
+    - "xla": the same function without a kernel named, i.e. XLA's own attention. It is one
+      more way to the numbers of "einsum"; kept to compare against.
+    - "einsum": two einsums around a float32 softmax: elsewhere (the CPU, float32 on a GPU);
+      on the CPU the faster form (`bench/attention.py`).
+
+    Read while tracing. `DEIT_ATTENTION=einsum|xla|cudnn` overrides the choice ("auto" or
+    unset: by backend as above); asking for "cudnn" where it cannot run is an `InputError`.
+    """
+    choice = os.environ.get("DEIT_ATTENTION", "auto") or "auto"
+    if choice not in ATTENTION_KERNELS:
+        raise InputError(f"DEIT_ATTENTION={choice!r}; expected one of {ATTENTION_KERNELS}")
+    low = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    cudnn_ok = low and head_dim % 8 == 0 and head_dim <= 128
+    if choice == "cudnn" and not (cudnn_ok and jax.default_backend() == "gpu"):
+        raise InputError(
+            f"DEIT_ATTENTION=cudnn needs an NVIDIA GPU, bfloat16/float16 compute and a head "
+            f"dimension that is a multiple of 8 up to 128; got {jax.default_backend()}, "
+            f"{jnp.dtype(dtype or jnp.float32).name}, head_dim {head_dim}"
+        )
+    if choice != "auto":
+        return choice
+    return "cudnn" if cudnn_ok and jax.default_backend() == "gpu" else "einsum"
 
 
 class Attention(nn.Module):
@@ -138,17 +168,23 @@ class Attention(nn.Module):
         # over one axis instead of (B, T)) faster: DeiT-Ti fp32 forward +15%, training step +14%
         # (`bench/levers.py step`, before/after in bench/results/levers_step*.json).
         qkv = dense(3 * d, "qkv", self.dtype)(x.reshape(b * t, d))
-        # timm's row order: [q | k | v], each split head-major. One transpose to heads-first
-        # (3, B, h, T, d) makes both attention matmuls plain batched ones (~7% faster on CPU).
-        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if fused_attention() and not self.capture and not (train and self.attn_drop > 0):
-            # (B, T, h, d) in and out: XLA's fused attention (cuDNN flash attention on NVIDIA).
+        kernel = attention_kernel(self.dtype, head_dim)
+        if kernel != "einsum" and not self.capture and not (train and self.attn_drop > 0):
+            # timm's row order [q | k | v], each head-major, is already (B, T, 3, h, d): q, k
+            # and v in the (B, T, h, d) layout the fused kernels take, with no transpose.
+            qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
             out = jax.nn.dot_product_attention(
-                q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+                qkv[:, :, 0],
+                qkv[:, :, 1],
+                qkv[:, :, 2],
+                implementation="cudnn" if kernel == "cudnn" else None,
             )
             out = dense(d, "proj", self.dtype)(out.reshape(b * t, d)).reshape(b, t, d)
             return nn.Dropout(self.proj_drop)(out, deterministic=not train)
+        # One transpose to heads-first (3, B, h, T, d) makes both attention matmuls plain batched
+        # ones (~7% faster on CPU).
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         logits = jnp.einsum(
             "bhqd,bhkd->bhqk", q * head_dim**-0.5, k, preferred_element_type=jnp.float32
         )

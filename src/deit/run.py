@@ -152,6 +152,12 @@ def _lr_text(optim: OptimConfig, batch: int) -> str:
     return f"lr {lr:.3g} (optim.base_lr {optim.base_lr:g} x {batch} / {REFERENCE_BATCH})"
 
 
+def _precision_text(dtype: str, platform: str) -> str:
+    default = "bfloat16" if platform == "gpu" else "float32"
+    why = f" (the {platform} default; --dtype to change)" if dtype == default else ""
+    return f"{dtype} compute{why}, float32 parameters"
+
+
 def announce(
     cfg: TrainConfig,
     student: Any,
@@ -190,7 +196,7 @@ def announce(
             f"{batch} global ({batch // devices} per device), {len(train_src) // batch} steps "
             f"per epoch, {cfg.epochs} epochs; {_lr_text(cfg.optim, batch)}",
         ),
-        ("precision", f"{cfg.model.dtype} compute, float32 parameters"),
+        ("precision", _precision_text(cfg.model.dtype, kind)),
         ("devices", f"{devices} {kind} device(s), {jax.process_count()} process(es)"),
         ("output", str(out)),
     ]
@@ -282,6 +288,7 @@ def train_and_evaluate(
     (`deit.signals`); the `Interrupted` raised names `cfg.output`, the folder to resume,
     whichever phase stopped.
     """
+    cfg = configs.resolve_dtype(cfg, jax.default_backend())
     out = Path(cfg.output).absolute()
     if resume and not out.is_dir():
         check_resumable(out)  # said before the lock would create the folder

@@ -43,7 +43,8 @@ class DataConfig:
     """
 
     dataset: str = "digits"
-    """"digits" (built in), an image folder with train/<class>/ and val/<class>/, or shards."""
+    """"digits" (built in), an image folder with train/<class>/ and val/<class>/, shards, or
+    "synthetic[:N]" (random images at img_size, no per-image work: measures the loop and step)."""
     img_size: int = 224
     """Side of the square training and evaluation images."""
     scale: tuple[float, float] = (0.08, 1.0)

@@ -33,7 +33,7 @@ import numpy as np
 
 from deit.data import index, shards, subset
 from deit.data.config import DataConfig
-from deit.data.sources import BadImageError, RecordSource, digits
+from deit.data.sources import BadImageError, RecordSource, digits, is_synthetic, synthetic
 from deit.errors import InputError
 from deit.signals import ignore_in_worker
 from deit.transforms import RandAugment, eval_transform, train_transform
@@ -52,6 +52,8 @@ def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
     the training split cut to `cfg.label_fraction` of its images (`subset.Subset`)."""
     if cfg.dataset == "digits":
         train, val = digits()
+    elif is_synthetic(cfg.dataset):
+        train, val = synthetic(cfg.dataset, cfg.img_size)
     elif shards.is_shard_folder(cfg.dataset):
         train, val = shards.open_shards(cfg.dataset)
     else:
@@ -189,7 +191,7 @@ class _MakeBatch:
             order = _cached_order(p.train_size, epoch, p.seed, p.global_batch, p.repeats)
             for slot in range(lo, lo + p.local):
                 image, label, b = self._read(self.train, int(order[j, slot]))
-                if image is not None:
+                if image is not None and not getattr(self.train, "prepared", False):
                     rng = np.random.default_rng([p.seed, epoch, j * p.global_batch + slot])
                     image = train_transform(
                         image,
@@ -210,7 +212,7 @@ class _MakeBatch:
                 position = j * p.global_batch + slot
                 i = min(position, p.val_size - 1)
                 image, label, b = self._read(self.val, i)
-                if image is not None:
+                if image is not None and not getattr(self.val, "prepared", False):
                     image = eval_transform(
                         image,
                         size,
@@ -337,7 +339,9 @@ def run_batches(
         process_count,
     )
     fn = _MakeBatch(plan, train, val, cfg)
-    return Batches(fn, plan.position(start_step), cfg.num_workers, labelled)
+    # Prepared records (synthetic) need no per-image work: worker processes would only copy them.
+    workers = 0 if getattr(train, "prepared", False) else cfg.num_workers
+    return Batches(fn, plan.position(start_step), workers, labelled)
 
 
 def train_batches(

@@ -1,4 +1,5 @@
-"""Random-access record sources: what every source offers, the in-memory one and the built-in set.
+"""Random-access record sources: what every source offers, the in-memory one, the built-in set
+and the synthetic one.
 
 A source has `classes`, `labels` (int32 `(N,)`), `len()`, `load(i)` (uint8 `(H, W, 3)`, or
 `ValueError` naming the record when it cannot be decoded) and `name(i)` (the file a record came
@@ -95,3 +96,74 @@ def arrays(images: np.ndarray, labels: np.ndarray, classes: list[str] | None = N
         raise InputError(f"labels have shape {labels.shape}; expected ({len(images)},)")
     classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
     return Source(list(images), labels, classes)
+
+
+# `--data synthetic[:N]`: ImageNet-1k's shape (1,000 classes, its 1,281,167 training images
+# unless N is given, a tenth of that for validation) from a pool of random images.
+SYNTHETIC = "synthetic"
+SYNTHETIC_CLASSES = 1000
+SYNTHETIC_TRAIN = 1_281_167
+SYNTHETIC_POOL = 64  # distinct images; record i is pool[i % SYNTHETIC_POOL]
+
+
+def is_synthetic(dataset: str) -> bool:
+    return dataset == SYNTHETIC or dataset.startswith(SYNTHETIC + ":")
+
+
+@dataclass
+class SyntheticSource:
+    """Random uint8 `(size, size, 3)` images already at the training size, labels `i % classes`.
+
+    `prepared`: the pipeline neither decodes nor augments them (`data.pipeline`), so a run on it
+    measures the training loop and the device step without the host's per-image work (what
+    timm's and DALI's synthetic inputs are for)."""
+
+    count: int
+    size: int
+    num_classes: int = SYNTHETIC_CLASSES
+    seed: int = 0
+    prepared = True
+
+    @property
+    def classes(self) -> list[str]:
+        return [f"class_{k:04d}" for k in range(self.num_classes)]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return (np.arange(self.count) % self.num_classes).astype(np.int32)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def load(self, index: int) -> np.ndarray:
+        return self._pool[index % len(self._pool)]
+
+    def name(self, index: int) -> str:
+        return f"synthetic record {index}"
+
+    @property
+    def _pool(self) -> np.ndarray:
+        pool = self.__dict__.get("pool")
+        if pool is None:
+            rng = np.random.default_rng(self.seed)
+            shape = (min(SYNTHETIC_POOL, self.count), self.size, self.size, 3)
+            pool = self.__dict__["pool"] = rng.integers(0, 256, shape, np.uint8)
+        return pool
+
+    def __getstate__(self) -> dict[str, Any]:  # workers draw the pool again, from the seed
+        return {k: v for k, v in self.__dict__.items() if k != "pool"}
+
+
+def synthetic(dataset: str, size: int) -> tuple[SyntheticSource, SyntheticSource]:
+    """(train, val) for `dataset` "synthetic" or "synthetic:N" (N training images)."""
+    _, _, count = dataset.partition(":")
+    try:
+        n = int(count) if count else SYNTHETIC_TRAIN
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(
+            f"data {dataset!r}; expected 'synthetic' or 'synthetic:N' with N a positive count"
+        )
+    val = max(1, n // 10)
+    return SyntheticSource(n, size, seed=0), SyntheticSource(val, size, seed=1)
