@@ -434,6 +434,7 @@ def compile_times(plan: Plan, out: Path, log: Any, model: str) -> dict[str, Any]
 # `loop`: `deit train` on synthetic input, twice (the second start finds the compile cache).
 
 _RATE = re.compile(r"step (\d+)/\d+ .* (\d+) img/s")
+_TIMED = re.compile(r"([0-9.e+-]+) s/step over (\d+) step")
 
 
 def loop(plan: Plan, out: Path, log: Any, model: str, images: int) -> dict[str, Any]:
@@ -455,8 +456,10 @@ def loop(plan: Plan, out: Path, log: Any, model: str, images: int) -> dict[str, 
             first_step, rates, lines = None, [], []
             for line in proc.stderr:
                 lines.append(line.rstrip())
-                if first_step is None and "after the first" in line:
-                    first_step = time.perf_counter() - tick
+                # "<per step> s/step over <n> step(s) after the first": the first step ended
+                # n steps of per_step before this line.
+                if first_step is None and (m := _TIMED.search(line)):
+                    first_step = time.perf_counter() - tick - float(m[1]) * int(m[2])
                 if (m := _RATE.search(line)) and int(m[1]) > 20:  # the first window has step 1
                     rates.append(int(m[2]))
             proc.wait(timeout=60)
