@@ -255,7 +255,7 @@ def test_a_small_folder_gets_the_small_recipe_sized_from_its_images(tmp_path, ca
     cfg = parse(*argv)
     assert cfg.recipe == "small" and cfg.data.dataset == str(root)
     patch = variants.get_spec(cfg.model.name).patch_size
-    assert cfg.data.img_size == 28 and cfg.data.img_size % patch == 0  # a whole patch grid
+    assert cfg.data.img_size == 32 and cfg.data.img_size % patch == 0  # a whole patch grid
     assert cfg.batch_size <= 40 // 4 and cfg.batch_size & (cfg.batch_size - 1) == 0
     assert cfg.teacher.arch == "resnet8" and cfg.epochs <= 300
     why = cli_train.recipe_reason(argv)
@@ -265,7 +265,7 @@ def test_a_small_folder_gets_the_small_recipe_sized_from_its_images(tmp_path, ca
     capsys.readouterr()
     run.announce(cfg, student, train, val, why=why)
     header = capsys.readouterr().err
-    assert f"recipe     small ({why})" in header and "at 28x28" in header
+    assert f"recipe     small ({why})" in header and "at 32x32" in header
 
 
 def test_the_small_recipe_keeps_the_grid_whole_for_any_size():
@@ -277,7 +277,18 @@ def test_the_small_recipe_keeps_the_grid_whole_for_any_size():
         assert cfg.data.img_size % spec.patch_size == 0 and cfg.data.img_size <= 224
         assert 1 <= cfg.batch_size <= max(1, count // 4) and cfg.batch_size <= 128
         assert 10 <= cfg.epochs <= 300
-    assert configs.small().data == configs.digits().data  # the default: the built-in digits
+    # The default: the built-in digits, with the small recipe's lighter augmentation.
+    d, digits = configs.small().data, configs.digits().data
+    assert (
+        (d.dataset, d.img_size, d.hflip, d.workers)
+        == ("digits", 16, 0.0, 0)
+        == (
+            digits.dataset,
+            digits.img_size,
+            digits.hflip,
+            digits.workers,
+        )
+    )
 
 
 def test_a_large_folder_keeps_the_imagenet_recipe(tmp_path, monkeypatch):

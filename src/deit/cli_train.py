@@ -225,8 +225,8 @@ def recipe_reason(argv: list[str]) -> str:
         return f"the default for an image folder: the paper's ImageNet settings; {others}"
     if name == "small":
         return (
-            f"the default for a small image folder, {_size_text(found)}: model, image size, "
-            f"batch and epochs sized from the data to take minutes; {others}"
+            f"the default for a small image folder, {found.describe()}: model, image size, "
+            f"batch and augmentation chosen from these, epochs from the time budget; {others}"
         )
     return (
         f"the default for a large image folder, {_size_text(found)}: the paper's ImageNet "

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from deit import budget as budget_lib
 from deit.augment import ErasingConfig, MixupConfig
 from deit.data import DataConfig
-from deit.data.survey import DIGITS, DataSurvey
+from deit.data.survey import DIGITS, SMALL_SIDE, DataSurvey
 from deit.errors import InputError
 from deit.losses import LossConfig
 from deit.optim import EmaConfig, OptimConfig
@@ -134,10 +135,17 @@ class TrainConfig:
     """How the run reports on stderr: bars (rich, for a terminal), lines (one flushed line per
     log_every steps and per epoch, for logs), none (`--quiet`: warnings and the results only);
     auto: bars in a terminal, else lines."""
+    time_budget: str | None = None
+    """Wall-clock time for the teacher and the student together (15m, 900s, 1h30m): each
+    phase's epochs (at most optim.epochs / teacher.optim.epochs) are sized from its first
+    epoch's measured time, the teacher gets up to a third and stops earlier once its
+    validation top-1 levels off (`deit.budget`); None: the epochs as set."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise InputError(f"batch_size {self.batch_size}; expected a positive number")
+        if self.time_budget is not None:
+            budget_lib.parse_duration(self.time_budget)
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} {getattr(self, name)}; expected 1 or more")
@@ -215,14 +223,18 @@ def digits() -> TrainConfig:
     )
 
 
-# The `small` recipe's sizing. A run is sized for SMALL_SECONDS of student training on a 2-core
-# CPU, from the digits student's measured rate (SMALL_RATE images/s at 16 px, teacher included)
-# scaled by the model's work per image (width^2 x depth x tokens).
-SMALL_SECONDS = 300
+# The `small` recipe's sizing. Epochs are set by the time budget (SMALL_BUDGET by default) from
+# each phase's measured first epoch; the epochs below are only their ceilings, and what a run
+# without a budget (`--time-budget None`) trains. SMALL_RATE (student images/s at 16 px on 2
+# CPU cores, teacher included) scaled by the model's work per image estimates the steps a
+# budget buys, for the EMA window and the log interval.
+SMALL_BUDGET = "15m"
 SMALL_RATE = 600.0
-SMALL_EPOCHS = (10, 300)
+SMALL_EPOCHS = (10, 300)  # ceiling of the student's epochs: 10-300
+SMALL_TEACHER_EPOCHS = 150  # ceiling of the teacher's
 SMALL_MAX_BATCH = 128
-TINY_MODEL, TINY_PATCH, TINY_SIDES = "deit_digits_distilled_patch4_16", 4, (16, 64)
+TINY_MODEL, TINY_PATCH, TINY_SIDES = "deit_digits_distilled_patch4_16", 4, (16, 20)
+MINI_MODEL, MINI_PATCH, MINI_SIDES = "deit_digits_distilled_patch8_32", 8, (24, 64)
 LARGE_MODEL, LARGE_PATCH, LARGE_SIDES = "deit_tiny_distilled_patch16_224", 16, (112, 224)
 
 
@@ -230,64 +242,91 @@ def _work(embed_dim: int, depth: int, tokens: int) -> float:
     return embed_dim**2 * depth * tokens
 
 
+def small_batch(train_images: int) -> int:
+    """The largest power of two up to 1/32 of the training images (at least 32 steps per epoch:
+    a few thousand images need steps more than wide batches), but not below a quarter of a
+    tiny set's 16, and at most `SMALL_MAX_BATCH`."""
+    n = max(1, train_images)
+    want = max(n // 32, min(16, n // 4), 1)
+    return min(SMALL_MAX_BATCH, 2 ** int(math.log2(want)))
+
+
 def small(survey: DataSurvey = DIGITS) -> TrainConfig:
     """A folder of few or small images (`deit train --data FOLDER` picks it below 10,000
-    training images or a shorter side below 112 px): everything sized from `survey`
-    (`data.survey`), so that a run takes minutes on a CPU, starting from the digits recipe.
+    training images or a shorter side below 112 px): everything chosen from `survey`
+    (`data.survey`: image count, side, channels, class balance), within a time budget of 15
+    minutes for the teacher and the student together.
 
-        deit train --data /data/my_small_set      # = --recipe small when the folder is small
+        deit train --data /data/my_small_set      # = --recipe small --time-budget 15m
 
-    - Image size: the images' median shorter side rounded to the patch, within 16-64 px with
-      patches of 4 (the digits student, 96 wide, 4 blocks) for sides below 112 px, else within
-      112-224 px with patches of 16 (DeiT-Ti): the patch grid always divides the image.
-    - Batch: the largest power of two up to a quarter of the training images (at least 4
-      steps per epoch), at most 128; a fixed lr of 2e-3 x sqrt(batch / 128) (Adam's square-root
-      rule from the digits recipe's 2e-3 at 128).
-    - Epochs: enough for about 5 minutes of student training on 2 cores, within 10-300; the
-      ResNet-8 teacher trains a third as many; warm-up 1/30 of the epochs; a constant EMA
-      decay with a window of a tenth of the run's steps.
-    - Augmentation as digits (RandAugment m5, crops of 35-100%, mixup/cutmix on 30% of the
-      batches, erasing p 0.1, no repeated augmentation), with horizontal flips (photos, unlike
-      digits, are mirror symmetric) and, below 112 px, evaluation on the whole image (crop 1.0).
-      What to expect is data-dependent; the header says the recipe and why, and after the first
-      epoch how long the run will take.
+    - Model and image size: the images' median shorter side rounded to the patch: the digits
+      student (96 wide, 4 blocks) with patches of 4 within 16-20 px for sides below 22 px, with
+      patches of 8 within 24-64 px up to 111 px (a 28-px image at 32 is 16 tokens), else
+      DeiT-Ti with patches of 16 within 112-224 px: the patch grid always divides the image.
+    - Batch (`small_batch`): a power of two near 1/32 of the training images, at most 128; a
+      fixed lr of 2e-3 x sqrt(batch / 128) (Adam's square-root rule from the digits recipe's
+      2e-3 at 128), 2 warm-up epochs.
+    - Epochs: sized by `time_budget` (15m) after each phase's first epoch (`deit.budget`):
+      the ResNet-8 teacher gets up to a third and stops earlier once its validation top-1
+      levels off; the student the rest. A constant EMA decay with a window of about a tenth of
+      the steps the budget buys.
+    - Augmentation, light for small images (a few minutes of training on a few thousand images
+      underfits long before it overfits): crops of 60-100% of the area, RandAugment magnitude
+      3, mixup/cutmix on 10% of the batches, no random erasing, no stochastic depth, no
+      repeated augmentation; horizontal flips only for colour images (a grey folder is most
+      often characters or symbols, which a mirror changes); evaluation on the whole image
+      below 112 px.
+
+    Measured with `bench/small_suite.py` (one core of an AMD EPYC; README "Your own folder"):
+    see `bench/results/small_suite.md`.
     """
-    tiny = survey.side < 112
+    tiny = survey.side < SMALL_SIDE
     name, patch, (lo, hi) = (
-        (TINY_MODEL, TINY_PATCH, TINY_SIDES) if tiny else (LARGE_MODEL, LARGE_PATCH, LARGE_SIDES)
+        (LARGE_MODEL, LARGE_PATCH, LARGE_SIDES)
+        if not tiny
+        else (MINI_MODEL, MINI_PATCH, MINI_SIDES)
+        if survey.side >= 22
+        else (TINY_MODEL, TINY_PATCH, TINY_SIDES)
     )
     img = min(hi, max(lo, patch * round(survey.side / patch)))
     spec = get_spec(name)
     tokens = (img // patch) ** 2 + 2
     rate = SMALL_RATE * _work(96, 4, 18) / _work(spec.embed_dim, spec.depth, tokens)
     n = max(1, survey.train_images)
-    batch = 2 ** max(0, int(math.log2(max(1, min(SMALL_MAX_BATCH, n // 4)))))
-    epochs = min(SMALL_EPOCHS[1], max(SMALL_EPOCHS[0], round(SMALL_SECONDS * rate / n)))
-    steps = epochs * max(1, n // batch)
+    batch = small_batch(n)
+    _, student_seconds = budget_lib.split(budget_lib.parse_duration(SMALL_BUDGET))
+    expected = min(SMALL_EPOCHS[1], max(SMALL_EPOCHS[0], round(student_seconds * rate / n)))
+    steps = expected * max(1, n // batch)
     base = digits()
     data = replace(
         base.data,
         dataset=survey.dataset,
         img_size=img,
-        hflip=0.0 if survey.dataset == "digits" else 0.5,
+        scale=(0.6, 1.0) if tiny else (0.35, 1.0),
+        randaugment="rand-m3-mstd0.5-inc1" if tiny else base.data.randaugment,
+        hflip=0.0 if survey.channels == 1 else 0.5,
         crop_pct=1.0 if tiny else 0.875,
         workers=0 if survey.dataset == "digits" else None,
     )
     lr = 2e-3 * math.sqrt(batch / 128)
-    teacher_epochs = max(SMALL_EPOCHS[0] // 2, epochs // 3)
     return replace(
         base,
         recipe="small",
         output="runs/small",
-        model=ModelConfig(name=name, drop_path_rate=0.05 if tiny else 0.1),
+        time_budget=SMALL_BUDGET,
+        model=ModelConfig(name=name, drop_path_rate=0.0 if tiny else 0.1),
         batch_size=batch,
         data=data,
-        optim=OptimConfig(lr=lr, warmup_epochs=max(1, round(epochs / 30)), epochs=epochs),
+        optim=OptimConfig(lr=lr, warmup_epochs=2, epochs=SMALL_EPOCHS[1]),
         ema=EmaConfig(decay=min(0.9999, max(0.9, 1 - 10 / steps))),
+        mixup=replace(base.mixup, prob=0.1 if tiny else base.mixup.prob),
+        erasing=ErasingConfig(prob=0.0 if tiny else base.erasing.prob),
         teacher=replace(
             base.teacher,
             optim=replace(
-                base.teacher.optim, lr=1e-2 * math.sqrt(batch / 128), epochs=teacher_epochs
+                base.teacher.optim,
+                lr=1e-2 * math.sqrt(batch / 128),
+                epochs=SMALL_TEACHER_EPOCHS,
             ),
         ),
         log_every=max(1, min(50, steps // 20)),

@@ -109,6 +109,17 @@ class RunLogger:
         else:
             say(text, self.mode)
 
+    def note(self, text: str) -> None:
+        """One line of what the phase decided (its sizing, an early stop)."""
+        if self.enabled:
+            self._say(text)
+
+    def resize(self, total_steps: int, epochs: int) -> None:
+        """The phase's length changed (a time budget sized it after its first epoch)."""
+        if self.enabled:
+            self.total, self.epochs = total_steps, epochs
+            self.progress.update(self.task, total=total_steps)
+
     def advance(self, step: int) -> None:
         if self.enabled:
             self._stepped = (time.perf_counter(), step)

@@ -8,12 +8,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from deit import budget as budget_lib
 from deit import configs, export, parallel, pretrained, progress, runlock
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
@@ -33,6 +35,10 @@ log = logging.getLogger("deit")
 # A peak lr below this barely moves a network in the epochs a run has (the issue's 40-image
 # folder at batch 16 scaled the recipe's 5e-4 down to 1.6e-5 and stayed at chance).
 LOW_LR = 1e-5
+# A teacher below this top-1 that was still rising when its share of the budget ended is
+# likely worse than the student would be alone (issue 25: a 73% teacher, still climbing, left
+# its student at 34%): the run says so before the student starts.
+WEAK_TEACHER = 90.0
 
 
 def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
@@ -52,10 +58,15 @@ def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
 
 
 def resolve_teacher(
-    cfg: TrainConfig, train_src: data_lib.RecordSource, val_src: data_lib.RecordSource, resume: bool
+    cfg: TrainConfig,
+    train_src: data_lib.RecordSource,
+    val_src: data_lib.RecordSource,
+    resume: bool,
+    budget: budget_lib.PhaseBudget | None = None,
 ) -> tuple[Teacher, Path]:
     """`cfg.teacher.path` (an exported folder or a run), or `cfg.teacher.arch` trained into
-    `OUTPUT/teacher` first (reused when that folder already holds a finished teacher)."""
+    `OUTPUT/teacher` first (reused when that folder already holds a finished teacher), within
+    `budget` when given (`train.fit`); a teacher trained here is reported (`report_teacher`)."""
     if cfg.teacher.path is not None:
         path = cfg.teacher.path
         if not Path(path).is_dir() and path.partition("@")[0] not in pretrained.PRETRAINED:
@@ -73,15 +84,52 @@ def resolve_teacher(
     if not (final / export.CONFIG).is_file():
         tcfg = teacher_config(cfg, out)
         model = create_teacher(name, len(train_src.classes), small_input=cfg.data.img_size < 64)
-        fit(
-            model,
-            tcfg,
-            train_src,
-            val_src,
-            resume=resume or (out / "checkpoints").is_dir(),
-            title="teacher",
-        )
+        again = resume or (out / "checkpoints").is_dir()
+        if again and (out / "config.json").is_file():  # the epochs a budget sized, kept
+            epochs = json.loads((out / "config.json").read_text())["optim"]["epochs"]
+            tcfg = dataclasses.replace(tcfg, optim=dataclasses.replace(tcfg.optim, epochs=epochs))
+        tick = time.perf_counter()
+        results = fit(model, tcfg, train_src, val_src, resume=again, title="teacher", budget=budget)
+        if jax.process_index() == 0:
+            report_teacher(results, time.perf_counter() - tick, cfg.progress)
     return teacher_from_export(final), final
+
+
+def teacher_words(results: dict[str, Any], seconds: float) -> tuple[str, str | None]:
+    """What the teacher phase ended with, and a warning when the teacher looks weak: below
+    `WEAK_TEACHER` top-1 and still rising when it stopped (its best at its last evaluation)."""
+    top1 = results["val"]["avg"]["top1"]
+    best = results["best"]
+    epochs = results.get("epochs", best["epoch"] + 1)
+    why = "its validation top-1 levelled off" if results.get("stopped_early") else "its epochs ran"
+    line = (
+        f"teacher: {top1:.1f}% top-1 on validation after {epochs} epoch(s) in "
+        f"{progress.duration(seconds)} ({why}; best {best['top1']:.1f}% after epoch "
+        f"{best['epoch'] + 1})"
+    )
+    rising = not results.get("stopped_early") and best["epoch"] + 1 >= epochs
+    warning = None
+    if top1 < WEAK_TEACHER and rising:
+        warning = (
+            f"warning: the teacher reached only {top1:.1f}% and was still improving when it "
+            "stopped: hard distillation pulls the student's distillation head toward its "
+            "mistakes, and a fresh student may do better alone. Give a longer --time-budget (or "
+            "--teacher-epochs), a trained --teacher, or --distillation none"
+        )
+    elif top1 < WEAK_TEACHER:
+        warning = (
+            f"warning: the teacher reached only {top1:.1f}% top-1: the student's distillation "
+            "head learns its mistakes; a stronger --teacher, or --distillation none, may do better"
+        )
+    return line, warning
+
+
+def report_teacher(results: dict[str, Any], seconds: float, mode: progress.Mode) -> None:
+    """The teacher's accuracy, said before the student starts (`teacher_words`)."""
+    line, warning = teacher_words(results, seconds)
+    progress.say(line, mode)
+    if warning:
+        log.warning(warning)
 
 
 def _steps(folder: Path) -> list[int]:
@@ -145,6 +193,19 @@ def _teacher_plan(cfg: TrainConfig, out: Path) -> str:
     )
 
 
+def budget_text(cfg: TrainConfig) -> str:
+    """How `cfg.time_budget` is split, for the header."""
+    total = budget_lib.parse_duration(cfg.time_budget or "0s")
+    teacher, _ = budget_lib.split(total)
+    d = progress.duration
+    return (
+        f"{d(total)} (time_budget): the teacher up to {d(teacher)} (a third; it stops earlier "
+        f"once its validation top-1 levels off), the student the rest; each phase's epochs "
+        f"(at most {cfg.teacher.optim.epochs} / {cfg.epochs}) are sized from its first epoch's "
+        "measured time"
+    )
+
+
 def _lr_text(optim: OptimConfig, batch: int) -> str:
     lr = scaled_lr(optim, batch)
     if optim.lr is not None:
@@ -191,6 +252,7 @@ def announce(
             f"{len(val_src):,} val images at {size}x{size}",
         ),
         ("teacher", _teacher_plan(cfg, out)),
+        *([("budget", budget_text(cfg))] if cfg.time_budget else []),
         (
             "batch",
             f"{batch} global ({batch // devices} per device), {len(train_src) // batch} steps "
@@ -338,12 +400,29 @@ def _train_and_evaluate(
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
     announce(cfg, student, train_src, val_src, why=why)
+    start = time.perf_counter()
+    total = budget_lib.parse_duration(cfg.time_budget) if cfg.time_budget and not resume else None
     teacher, teacher_path = None, None
     if cfg.loss.distillation != "none":
-        teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume)
+        share = None
+        if total is not None:
+            seconds, _ = budget_lib.split(total)
+            share = budget_lib.PhaseBudget(
+                seconds, max_epochs=cfg.teacher.optim.epochs, plateau=True
+            )
+        teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume, share)
         check_teacher(teacher, num_classes)
         if cfg.teacher.dtype is not None:
             teacher = teacher.with_dtype(cfg.teacher.dtype)
+    rest = None
+    if total is not None:
+        left = total - (time.perf_counter() - start)
+        rest = budget_lib.PhaseBudget(max(left, 0.0), max_epochs=cfg.epochs)
+        progress.say(
+            f"student: {progress.duration(max(left, 0.0))} of the time budget left; its epochs "
+            "are sized after the first one",
+            cfg.progress,
+        )
     results = fit(
         student,
         cfg,
@@ -351,6 +430,7 @@ def _train_and_evaluate(
         val_src,
         teacher=teacher,
         resume=resume,
+        budget=rest,
         extra_meta={
             "variant": cfg.model.name,
             **({"finetuned_from": pretrained.path} if pretrained else {}),
@@ -360,7 +440,7 @@ def _train_and_evaluate(
     summary: dict[str, Any] = {
         "model": cfg.model.name,
         "distillation": cfg.loss.distillation,
-        "epochs": cfg.epochs,
+        "epochs": results.get("epochs", cfg.epochs),
         "seed": cfg.seed,
         "val": results["val"],
     }

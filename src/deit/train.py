@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
+from deit import budget as budget_lib
 from deit import configs, diskspace, export, parallel
 from deit import data as data_lib
 from deit import evaluate as eval_lib
@@ -219,10 +220,15 @@ def fit(
     title: str = "student",
     extra_meta: dict[str, Any] | None = None,
     init_params: dict | None = None,
+    budget: budget_lib.PhaseBudget | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_src` with `cfg`, evaluating on `val_src` every epoch.
 
     `init_params` start the run instead of a fresh init (fine-tuning); a resumed run ignores them.
+    With `budget` (a fresh run) `cfg.optim.epochs` is the most it runs: after the first epoch the
+    epochs that fit in `budget.seconds` are fixed (`budget.epochs_within`), the schedule is laid
+    over them and `config.json` records them; with `budget.plateau` the run also stops once its
+    validation top-1 levels off (`budget.Plateau`).
     The teacher's variables are placed on the mesh once, like the student's (replicated, or
     split the same way under `cfg.fsdp`). One grain pipeline (`data.run_batches`) feeds the
     whole run, each epoch's validation batches following its training batches.
@@ -234,6 +240,7 @@ def fit(
     `bad_images`: the unreadable files replaced under `bad_images="skip"`.
     """
     started: float | None = time.perf_counter()
+    clock = budget_lib.EpochClock(started)
     out = Path(cfg.output).absolute()
     mesh = parallel.make_mesh()
     if jax.process_count() > 1:  # every process must follow one plan over the same records
@@ -275,6 +282,7 @@ def fit(
             "another output folder"
         )
     if latest is not None:
+        budget = None  # a resumed run keeps the epochs its config.json records
         try:  # the newest intact one: a truncated or changed file falls back, with one line
             latest = ckpts.usable_step()
         except BaseException:
@@ -321,12 +329,13 @@ def fit(
             teacher = jax.device_put(
                 teacher, parallel.state_shardings(teacher, mesh, cfg.parallel.fsdp)
             )
-        train_step = jax.jit(
+        compile_step = lambda tx, schedule: jax.jit(
             with_finite_flag(make_train_step(model, tx, schedule, step_cfg)),
             donate_argnums=(0, 3),
             out_shardings=(shardings, None, parallel.replicated(mesh)),
             compiler_options=compiler_options(model.dtype),
         )
+        train_step = compile_step(tx, schedule)
         first_bad = jax.device_put(jnp.int32(-1), parallel.replicated(mesh))
         eval_step = jax.jit(
             make_eval_step(model, step_cfg.mean, step_cfg.std),
@@ -355,6 +364,8 @@ def fit(
     totals: dict[str, dict[str, dict[str, float]]] = {}
     evaluated = 0
     tick, seen, begin = time.perf_counter(), 0, step
+    plateau: budget_lib.Plateau | None = None  # with budget.plateau, once the run is sized
+    ended_early = False
     interrupted = lambda: Interrupted(
         stop.requested,
         f"{title} {'evaluation' if evaluating else 'training'}, epoch {epoch + 1}",
@@ -377,10 +388,13 @@ def fit(
                     sums = eval_step(params, state.batch_stats, device_batch)
                     eval_lib.accumulate(totals.setdefault(split, {}), sums)
                 evaluated += 1
+                if evaluated == 1:
+                    clock.mark("first_eval")
                 if evaluated < eval_steps:
                     continue
                 _check_finite(first_bad, ckpts)  # before its results, the best/ export, the save
                 results = {split: eval_lib.finish(t) for split, t in totals.items()}
+                clock.mark("eval_end")
                 totals, evaluated, evaluating = {}, 0, False
                 logger.log_eval(step, epoch, results)
                 which = max(results, key=lambda k: results[k]["avg"]["top1"])
@@ -391,6 +405,33 @@ def fit(
                     _export(out / "best", model, state, ema, train_src, cfg, extra_meta)
                 ckpts.save(step, state, meta(best, epoch), wait=stop.requested is not None)
                 saved = step
+                if budget is not None and clock.mark("saved"):  # the first epoch: size the run
+                    epochs = budget_lib.epochs_within(
+                        budget, clock.elapsed(), clock.epoch_time(spe, eval_steps)
+                    )
+                    logger.note(clock.sizing_text(title, budget, spe, eval_steps, epochs))
+                    if epochs != cfg.epochs:
+                        cfg = replace(cfg, optim=replace(cfg.optim, epochs=epochs))
+                        tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
+                        train_step = compile_step(tx, schedule)
+                        logger.resize(epochs * spe, epochs)
+                        if jax.process_index() == 0:
+                            (out / "config.json").write_text(
+                                json.dumps(configs.to_dict(cfg), indent=2) + "\n"
+                            )
+                    if budget.plateau:
+                        plateau = budget_lib.Plateau(budget_lib.patience_for(epochs))
+                        plateau.update(results["val"]["avg"]["top1"])
+                elif (
+                    plateau is not None
+                    and plateau.update(results["val"]["avg"]["top1"])
+                    and epoch + 1 < cfg.epochs
+                ):
+                    logger.note(plateau.text(title, epoch + 1, cfg.epochs))
+                    ended_early = True
+                    break
+                if epoch + 1 >= cfg.epochs:
+                    break
                 tick, seen = time.perf_counter(), 0
                 continue
             del batch["mask"]
@@ -419,6 +460,10 @@ def fit(
                     logger.log_train(step, epoch, values)
                 else:  # the first step, compiled and run: the time estimate starts here
                     logger.first_step(step)
+                if step == begin + 1:
+                    clock.mark("first_step")
+                if last:
+                    clock.mark("train_end")
         ckpts.wait()
         _check_finite(first_bad, ckpts)
         if not results:  # resumed a finished run: evaluate what it ended with
@@ -431,12 +476,14 @@ def fit(
         ckpts.wait()
         raise interrupted() from None
     finally:
-        stream.close(now=stop.requested is not None)
+        stream.close(now=stop.requested is not None or ended_early)
         stop.restore()
         ckpts.close()
         logger.close()
     results["best"] = best
     results["steps"] = step
+    results["epochs"] = step // spe
+    results["stopped_early"] = ended_early
     results["bad_images"] = bad.report()
     return results
 

@@ -25,12 +25,29 @@ SMALL_SIDE = 112
 @dataclass(frozen=True)
 class DataSurvey:
     """A data set's size: `train_images`, `classes`, and `side`, the median shorter side (px)
-    of a few training images; `dataset` as given."""
+    of a few training images; `channels`, 1 when every sampled image is grey (stored as RGB or
+    not), else 3; `balance`, the smallest class's training images over the largest's;
+    `dataset` as given."""
 
     dataset: str
     train_images: int
     classes: int
     side: int
+    channels: int = 3
+    balance: float = 1.0
+
+    def describe(self) -> str:
+        """`3,000 training images (under 10,000) of ~28 px, grey, 10 classes, balanced`."""
+        few = self.train_images < SMALL_COUNT
+        tiny = self.side < SMALL_SIDE
+        balanced = (
+            "balanced" if self.balance >= 0.8 else f"smallest class {self.balance:.0%} of largest"
+        )
+        return (
+            f"{self.train_images:,} training images{' (under 10,000)' if few else ''} of "
+            f"~{self.side} px{' (under 112)' if tiny else ''}, "
+            f"{'grey' if self.channels == 1 else 'colour'}, {self.classes} classes, {balanced}"
+        )
 
     @property
     def small(self) -> bool:
@@ -39,7 +56,7 @@ class DataSurvey:
 
 
 # The built-in set, surveyed (1,437 training images of 8x8 px): the `small` recipe's default.
-DIGITS = DataSurvey("digits", 1437, 10, 8)
+DIGITS = DataSurvey("digits", 1437, 10, 8, channels=1)
 
 
 def survey(dataset: str) -> DataSurvey:
@@ -51,13 +68,23 @@ def survey(dataset: str) -> DataSurvey:
     train, _ = load_sources(DataConfig(dataset=dataset, workers=0))
     n = len(train)
     picks = np.unique(np.linspace(0, n - 1, min(SAMPLED_IMAGES, n)).round().astype(int))
-    sides = []
+    sides, grey = [], []
     for i in picks:
         with contextlib.suppress(ValueError):  # an unreadable image: the run reports it later
-            sides.append(min(train.load(int(i)).shape[:2]))
+            image = train.load(int(i))
+            sides.append(min(image.shape[:2]))
+            grey.append(image.ndim == 2 or image.shape[-1] == 1 or _is_grey(image))
     if not sides:
         raise InputError(
             f"none of {len(picks)} training images of {dataset} could be decoded; expected "
             "readable images (deit data check lists the bad ones)"
         )
-    return DataSurvey(dataset, n, len(train.classes), int(np.median(sides)))
+    counts = np.bincount(np.asarray(train.labels), minlength=len(train.classes))
+    balance = float(counts.min() / counts.max()) if counts.max() > 0 else 1.0
+    channels = 1 if all(grey) else 3
+    return DataSurvey(dataset, n, len(train.classes), int(np.median(sides)), channels, balance)
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    """An RGB image whose channels are equal (a grey image saved as colour)."""
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
