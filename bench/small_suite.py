@@ -286,6 +286,7 @@ def run_one(name: str, root: Path, runs: Path, flags: list[str]) -> dict:
         "colour": SETS[name].colour,
         "val_images": sum(1 for _ in (folder / "val").rglob("*.png")),
         "recipe": config["recipe"],
+        "time_budget": config.get("time_budget"),
         "model": config["model"]["name"],
         "img_size": config["data"]["img_size"],
         "teacher": summary.get("teacher", {}).get("top1"),
@@ -314,22 +315,23 @@ def _cpu() -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| set | images (train / val) | side, channels | classes | teacher (ResNet-8) | "
-        "student (avg heads) | student / teacher | epochs (teacher / student) | time |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| set | images (train / val) | side, channels | classes | model, size | teacher "
+        "(ResNet-8) | student (avg heads) | student / teacher | epochs (teacher / student) | "
+        "budget | time |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['set']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['set']} | failed: {r['error']} |" + " |" * 9)
             continue
         name = r["set"] + (" (held out)" if r["held_out"] else "")
         ratio = r["student"] / r["teacher"] if r.get("teacher") else float("nan")
         lines.append(
             f"| {name} | {r['train_images']:,} / {r['val_images']:,} | {r['side']} px, "
-            f"{'colour' if r['colour'] else 'grey'} | {r['classes']} | {100 * r['teacher']:.1f}% | "
-            f"{100 * r['student']:.1f}% | {ratio:.2f} | {r['teacher_epochs']} / "
-            f"{r['student_epochs']} | {r['seconds'] / 60:.1f} min |"
+            f"{'colour' if r['colour'] else 'grey'} | {r['classes']} | "
+            f"{r['model'].removeprefix('deit_')}, {r['img_size']} px | {r['teacher']:.1f}% | "
+            f"{r['student']:.1f}% | {ratio:.2f} | {r['teacher_epochs']} / "
+            f"{r['student_epochs']} | {r['time_budget']} | {r['seconds'] / 60:.1f} min |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -345,6 +347,7 @@ def main() -> None:
     r.add_argument("--root", type=Path, default=None, help="reuse written sets (default: temp)")
     r.add_argument("--runs", type=Path, default=None, help="run folders (default: temp)")
     r.add_argument("--name", default="small_suite", help="results file name")
+    r.add_argument("--merge", action="store_true", help="replace only these sets' rows")
     r.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="to deit train")
     args = p.parse_args()
     if args.what == "make":
@@ -363,15 +366,18 @@ def main() -> None:
     meta = {
         "cpu": _cpu(),
         "cores": cores,
-        "flags": args.flags,
-        "command": "python bench/small_suite.py run " + " ".join(sys.argv[2:]),
+        "command": "python bench/small_suite.py run [--sets ...] [--flags --time-budget T]",
     }
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / f"{args.name}.json"
+    if args.merge and old.is_file():
+        kept = [r for r in json.loads(old.read_text())["rows"] if r["set"] not in args.sets]
+        rows = sorted(kept + rows, key=lambda r: list(SETS).index(r["set"]))
     (RESULTS / f"{args.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     text = (
-        f"`{meta['command']}` on {meta['cpu']}, {cores} core(s); teacher: the ResNet-8 the run "
-        "trains first (the suite's CNN reference); student: the distilled DeiT, averaged heads.\n\n"
-        + table(rows)
+        f"`{meta['command']}` on {meta['cpu']}, {cores} core(s) (`taskset -c 1`); teacher: the "
+        "ResNet-8 the run trains first (the suite's CNN reference); student: the distilled DeiT, "
+        "averaged heads; budget: `--time-budget`; time: the whole `deit train`.\n\n" + table(rows)
     )
     (RESULTS / f"{args.name}.md").write_text(text)
     print(text)

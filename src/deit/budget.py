@@ -145,8 +145,10 @@ class EpochClock:
         from deit.progress import duration
 
         per = self.epoch_time(steps, eval_batches)
+        ends = time.strftime("%H:%M", time.localtime(time.time() + per * (epochs - 1)))
         return (
             f"[{title}] time budget {duration(budget.seconds)}: the first epoch took "
             f"{duration(self.elapsed())} (compiles included), each further one takes about "
-            f"{duration(per)}: {epochs} epoch(s) in all (at most {budget.max_epochs})"
+            f"{duration(per)}: {epochs} epoch(s) in all (at most {budget.max_epochs}), "
+            f"ending near {ends}"
         )

@@ -86,6 +86,7 @@ class RunLogger:
         self._stepped: tuple[float, int] | None = None  # (time, step) of the latest step
         self._estimated = False
         self._epoch_told = False
+        self.sized_later = False  # a time budget sizes the phase after its first epoch and says so
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = (out / "metrics.jsonl").open("a")
         self.tb = SummaryWriter(str(out / "tb"))
@@ -128,7 +129,7 @@ class RunLogger:
     def _epoch_estimate(self, epoch: int) -> None:
         """Once per phase, after the first evaluation that follows timed steps: what an epoch
         costs (steps and evaluation) and when the phase will end."""
-        if self._epoch_told or self._timed is None or self._stepped is None:
+        if self._epoch_told or self.sized_later or self._timed is None or self._stepped is None:
             return
         (t0, s0), (t1, s1) = self._timed, self._stepped
         if s1 <= s0:

@@ -187,8 +187,9 @@ def _teacher_plan(cfg: TrainConfig, out: Path) -> str:
         return f"{cfg.teacher.arch}, reused from {final}"
     steps = _steps(out / "teacher" / "checkpoints")
     again = f", continuing from its step {steps[-1]}" if steps else ""
+    upto = "up to " if cfg.time_budget else ""
     return (
-        f"{cfg.teacher.arch}, trained first for {cfg.teacher.optim.epochs} epoch(s) into "
+        f"{cfg.teacher.arch}, trained first for {upto}{cfg.teacher.optim.epochs} epoch(s) into "
         f"{out / 'teacher'}{again}"
     )
 
@@ -256,7 +257,8 @@ def announce(
         (
             "batch",
             f"{batch} global ({batch // devices} per device), {len(train_src) // batch} steps "
-            f"per epoch, {cfg.epochs} epochs; {_lr_text(cfg.optim, batch)}",
+            f"per epoch, {'up to ' if cfg.time_budget else ''}{cfg.epochs} epochs; "
+            f"{_lr_text(cfg.optim, batch)}",
         ),
         ("precision", _precision_text(cfg.model.dtype, kind)),
         ("devices", f"{devices} {kind} device(s), {jax.process_count()} process(es)"),

@@ -349,6 +349,7 @@ def fit(
             mode=cfg.progress,
             enabled=jax.process_index() == 0,
         )
+        logger.sized_later = budget is not None
     except BaseException:
         stream.close()
         ckpts.close()
