@@ -66,6 +66,9 @@ else
 fi
 # JAX and torch share the GPU: JAX takes memory as it needs it instead of 75% at start.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+# inductor's compile pools would otherwise take every core from JAX's tracing (seen on the H200
+# machine: nothing of JAX's compiled within the table's time).
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv" 2>/dev/null
 
 stage() {  # stage NAME SECONDS: one part of gpu.py, with its own timeout and log

@@ -275,7 +275,7 @@ def _serve(read_fd: int, write_fd: int, threads: int) -> None:
                 _, key, min_seconds = message
                 device = devices.get(key, "cpu")
                 value = run_async(
-                    cases[key], lambda: _synchronize(device), min_seconds, calls.get(key, 1)
+                    cases[key], lambda d=device: _synchronize(d), min_seconds, calls.get(key, 1)
                 )
                 calls[key] = value[2]
             elif op == "peak_mib":

@@ -200,3 +200,36 @@ def test_step_probes_read_fusion_sets_and_time_interleaved():
     jax.jit(lambda a: a, compiler_options=probes._fusion_option("INDIVIDUAL_DOT+REDUCE"))(x)
     rates = probes._interleaved({"a": (jax.jit(lambda a: a @ a), (x,), 4.0)}, rounds=2)
     assert set(rates) == {"a"} and rates["a"] > 0
+
+
+def test_gpu_report_ratios_and_the_async_timer():
+    """bench/gpu.py's page from fixed results: the ratios against timm and the matmul share; and
+    `run_async` waits once per batch of calls, growing it until it lasts `min_seconds`."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        gpu, timm_worker = importlib.import_module("gpu"), importlib.import_module("timm_worker")
+    finally:
+        sys.path.remove(str(BENCH))
+    case = lambda impl, rate, lever=None, kind="infer", model=gpu.S: {
+        "kind": kind, "impl": impl, "model": model, "batch": 256, "dtype": "bfloat16",
+        "flops": 1e9, "info": {"compile_s": 3.0}, "images_per_s": rate,
+        "gflops_per_s": rate, "lever": lever or impl, "error": None,
+    }  # fmt: skip
+    matmul = case("xla", 1.0, kind="matmul", model="8192x8192") | {"gflops_per_s": 400_000.0}
+    table = {
+        "plan": {"rounds": 3},
+        "cases": [matmul, case("deit", 40_000.0), case("timm", 20_000.0),
+                  case("timm-compile", 32_000.0), case("deit", 30_000.0, "before")],
+    }  # fmt: skip
+    page = gpu.report({"table": table})
+    assert "| inference DeiT-S⚗ b256 | 40,000 | 20,000 | 32,000 | 2.00× | 1.25× | 10.0% |" in page
+    assert "| infer DeiT-S⚗ b256 | before | 30,000 | 0.75× | 3.0 |" in page
+    clock = {"calls": 0, "syncs": 0}
+
+    def call() -> int:
+        clock["calls"] += 1
+        return 2
+
+    images, _seconds, calls = timm_worker.run_async(call, lambda: clock.update(
+        syncs=clock["syncs"] + 1), 0.0)  # fmt: skip
+    assert (images, calls) == (2, 1) and clock == {"calls": 2, "syncs": 2}
