@@ -277,8 +277,15 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
       often characters or symbols, which a mirror changes); evaluation on the whole image
       below 112 px.
 
-    Measured with `bench/small_suite.py` (one core of an AMD EPYC; README "Your own folder"):
-    see `bench/results/small_suite.md`.
+    Measured with `bench/small_suite.py` on one core of an AMD EPYC (`taskset -c 1`, 10m
+    budget; `bench/results/small_suite.md`, README "Your own folder"); fitted on digits28 alone:
+
+        set                       teacher  student (avg heads)  epochs t / s  time
+        digits28 (28 px grey)     99.3%    96.9%                19 / 51       11.0 min
+        shapes40c (held out)      75.0%    79.8% (class head 84.0%)  17 / 67  11.1 min
+
+    On shapes40c the teacher's third of the budget was too short (an epoch of the ResNet-8 at
+    40 px costs twice the student's): the run warned that it was weak and still improving.
     """
     tiny = survey.side < SMALL_SIDE
     name, patch, (lo, hi) = (
