@@ -79,6 +79,9 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_NO_REPLY = object()  # what `TorchWorker._reply` returns when the timeout passes first
+
+
 class TorchWorker:
     """A worker process holding timm models; `call` sends one message and waits for the reply."""
 
@@ -102,18 +105,11 @@ class TorchWorker:
         (after killing the worker) when no reply arrives within `timeout` seconds."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"the torch worker exited with code {self.proc.returncode}")
-        pickle.dump(message, self._w)
-        self._w.flush()
-        ready, _, _ = select.select([self._r], [], [], timeout)
-        if not ready:
+        self.send(*message)
+        value = self._reply(timeout)
+        if value is _NO_REPLY:
             self.kill()
             raise TimeoutError(f"no reply to {message[0]!r} within {timeout:.0f} s")
-        try:
-            status, value = pickle.load(self._r)
-        except EOFError as err:
-            raise RuntimeError(f"the torch worker died (exit code {self.proc.wait()})") from err
-        if status == "error":
-            raise RuntimeError(value)
         return value
 
     def send(self, *message: Any) -> None:
@@ -124,9 +120,13 @@ class TorchWorker:
     def receive(self, timeout: float | None = None) -> Any:
         """The next reply (`send`'s, in order): its value, RuntimeError on its error, None
         when none came within `timeout` seconds (the worker keeps working)."""
+        value = self._reply(timeout)
+        return None if value is _NO_REPLY else value
+
+    def _reply(self, timeout: float | None) -> Any:
         ready, _, _ = select.select([self._r], [], [], timeout)
         if not ready:
-            return None
+            return _NO_REPLY
         try:
             status, value = pickle.load(self._r)
         except EOFError as err:
