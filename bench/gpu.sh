@@ -8,6 +8,7 @@
 #                                       # machine without network lacks, into .whl/ (ignored)
 #   bash bench/gpu.sh [OUT]             # on the GPU machine; logs and JSON in OUT
 #   bash bench/gpu.sh --dry-run [OUT]   # anywhere: the same stages on the CPU, tiny model, no torch
+#   DEIT_GPU_STAGES="table loop" bash bench/gpu.sh   # only these stages
 #
 # Which Python: $PYTHON, else python3. When it already has JAX on CUDA, torch with CUDA and timm
 # (a cluster node, a rented GPU box), it is used as it is, with the project's other dependencies
@@ -77,9 +78,12 @@ stage() {  # stage NAME SECONDS: one part of gpu.py, with its own timeout and lo
     > "$out/$1.log" 2>&1
   echo "$1: exit $? after $(( $(date +%s) - start )) s (log: $out/$1.log)"
 }
-stage table 270
-stage compile 140
-stage loop 120
+# DEIT_GPU_STAGES picks stages ("table loop"): a rerun need not repeat what is measured.
+declare -A seconds=([table]=300 [compile]=140 [loop]=120)
+for what in ${DEIT_GPU_STAGES:-table compile loop}; do
+  [[ -n ${seconds[$what]:-} ]] || { echo "DEIT_GPU_STAGES: unknown stage '$what' (table, compile, loop)"; exit 2; }
+  stage "$what" "${seconds[$what]}"
+done
 gpu=$(head -2 "$out/gpu.csv" 2>/dev/null | tail -1 | cut -d, -f1 | tr 'A-Z ' 'a-z_' | tr -cd 'a-z0-9_')
 name=gpu_${gpu:-unknown}
 [[ $dry == 1 ]] && name=gpu_dry_run
