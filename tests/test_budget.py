@@ -44,6 +44,35 @@ def test_epochs_fill_the_share_without_passing_it():
     assert budget.epochs_within(budget.PhaseBudget(300, min_epochs=3), 400.0, 14.5) == 3
 
 
+def test_the_teachers_share_is_a_third_or_its_least_epochs_up_to_a_half():
+    """15 minutes: 300 s for the teacher, or as long as 30 epochs take up to 450 s."""
+    share = budget.teacher_budget(900, 150)
+    assert (share.seconds, share.max_seconds, share.min_epochs) == (300, 450, 30)
+    assert share.plateau
+    assert budget.epochs_within(share, 20.0, 8.0) == 1 + 35  # a third buys more than 30
+    assert budget.epochs_within(share, 20.0, 10.0) == 30  # 29 in a third: 30, within a half
+    assert budget.epochs_within(share, 20.0, 20.0) == 1 + 21  # 30 do not fit in a half
+    assert budget.epochs_within(budget.teacher_budget(900, 12), 20.0, 1.0) == 12  # its ceiling
+    assert budget.teacher_budget(60, 10).min_epochs == 10
+
+
+def test_a_share_counts_what_went_before_its_phase():
+    late = budget.teacher_budget(900, 150).less(40.0)
+    assert (late.seconds, late.max_seconds) == (260, 410)
+    assert budget.PhaseBudget(30).less(50.0).seconds == 0
+    assert budget.epochs_within(budget.PhaseBudget(30).less(50.0), 5.0, 1.0) == 1
+
+
+def test_the_process_age_counts_from_the_launch():
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(1.0); from deit import budget; print(budget.process_age())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                               text=True, check=True).stdout)  # fmt: skip
+    assert 1.0 <= age < 30.0
+
+
 def test_the_clock_reads_a_later_epoch_from_the_first_ones_steady_part():
     clock = budget.EpochClock(0.0)
     clock.marks = {"first_step": 10.0, "train_end": 21.0, "first_eval": 23.0, "eval_end": 24.5}

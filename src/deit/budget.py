@@ -3,6 +3,10 @@ the student, the epochs of each phase that fit in its share once its first epoch
 (`epochs_within`), and the teacher's early stop on a plateau of its validation accuracy
 (`Plateau`).
 
+The budget is the whole command's: `deit train` counts it from the process's launch
+(`process_age`); each phase's share is counted from there (`PhaseBudget.less`), and the student
+gets what is left when it starts, less `TAIL_SECONDS` for what follows its last epoch.
+
 A phase is sized once, after its first epoch: that epoch pays for compiling the step and the
 evaluation and for starting the data workers, so the time of an epoch is read from its steps
 after the first one and its evaluation batches after the first one (`epoch_seconds`). The phase
@@ -13,17 +17,25 @@ epochs slow down; a schedule (warm-up + cosine) is then laid over exactly those 
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from deit.errors import InputError
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 # The teacher's share of a budget: the ResNet trains alone, then the student trains with the
-# teacher's forward pass in every step (bench/small_suite.py: a third was enough for the
-# ResNet-8 teacher to level off on every set of the suite).
+# teacher's forward pass in every step. A third, or the time of TEACHER_MIN_EPOCHS epochs where
+# they cost more, up to TEACHER_MAX_SHARE (bench/small_suite.py: at 40 px in colour an epoch of
+# the ResNet-8 costs twice the student's, and a third of 10 minutes left it at 75% after 17
+# epochs, still rising); it stops earlier on a plateau.
 TEACHER_SHARE = 1 / 3
+TEACHER_MAX_SHARE = 1 / 2
+TEACHER_MIN_EPOCHS = 30
+# Kept after the student's last epoch: the final export, results.json and the curves' picture.
+TAIL_SECONDS = 5.0
 
 
 def parse_duration(text: str) -> float:
@@ -53,6 +65,37 @@ class PhaseBudget:
     max_epochs: int = 1000
     plateau: bool = False
     """Also stop once the validation top-1 levels off (`Plateau`, patience `patience_for`)."""
+    max_seconds: float | None = None
+    """`min_epochs` are run only as far as they end by this (None: always)."""
+
+    def less(self, spent: float) -> PhaseBudget:
+        """This share when `spent` seconds of it went before the phase started."""
+        cut = lambda s: None if s is None else max(0.0, s - spent)
+        return replace(self, seconds=cut(self.seconds), max_seconds=cut(self.max_seconds))
+
+
+def teacher_budget(total: float, max_epochs: int) -> PhaseBudget:
+    """The teacher's share of `total` seconds: a third (`TEACHER_SHARE`), or as long as
+    `TEACHER_MIN_EPOCHS` epochs take up to a half (`TEACHER_MAX_SHARE`); it stops earlier once
+    its validation top-1 levels off."""
+    return PhaseBudget(
+        total * TEACHER_SHARE,
+        min_epochs=min(TEACHER_MIN_EPOCHS, max_epochs),
+        max_epochs=max_epochs,
+        plateau=True,
+        max_seconds=total * TEACHER_MAX_SHARE,
+    )
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc), 0 where that cannot be read: the
+    start-up before `deit train` reaches its code (Python, JAX's import) counts in its budget."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def split(total: float, teacher_share: float = TEACHER_SHARE) -> tuple[float, float]:
@@ -73,9 +116,13 @@ def epochs_within(budget: PhaseBudget, elapsed: float, epoch_time: float) -> int
     """Epochs in all (the first, already run, included) that end the phase by `budget.seconds`
     when `elapsed` seconds have gone and each further epoch takes `epoch_time`; within
     `[budget.min_epochs, budget.max_epochs]`."""
-    left = budget.seconds - elapsed
-    more = math.floor(left / epoch_time) if epoch_time > 0 else budget.max_epochs
-    return int(min(budget.max_epochs, max(budget.min_epochs, 1 + more)))
+    fit = lambda seconds: (
+        1 + (math.floor((seconds - elapsed) / epoch_time) if epoch_time > 0 else budget.max_epochs)
+    )
+    least = budget.min_epochs
+    if budget.max_seconds is not None:
+        least = min(least, max(1, fit(budget.max_seconds)))
+    return int(min(budget.max_epochs, max(least, fit(budget.seconds))))
 
 
 def patience_for(epochs: int) -> int:

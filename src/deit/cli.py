@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,15 +64,18 @@ def cmd_train(argv: list[str]) -> None:
     from deit.data.config import cache_home
 
     use_compile_cache(cache_home() / "jax-cache", cmd.compile_cache)
+    from deit.budget import process_age
     from deit.run import finetune, train_and_evaluate
     from deit.signals import Interrupted
 
     why = cli_train.recipe_reason(argv)
+    # A --time-budget is the command's: counted from the process's launch.
+    launched = time.perf_counter() - process_age()
     try:
         if cfg.finetune:
-            summary = finetune(cfg, cfg.finetune, resume=cmd.resume, why=why)
+            summary = finetune(cfg, cfg.finetune, resume=cmd.resume, why=why, started=launched)
         else:
-            summary = train_and_evaluate(cfg, resume=cmd.resume, why=why)
+            summary = train_and_evaluate(cfg, resume=cmd.resume, why=why, started=launched)
     except Interrupted as stop:
         # The launch flags are not in config.json: a multi-host run needs them again.
         launch = [

@@ -197,13 +197,19 @@ def _teacher_plan(cfg: TrainConfig, out: Path) -> str:
 def budget_text(cfg: TrainConfig) -> str:
     """How `cfg.time_budget` is split, for the header."""
     total = budget_lib.parse_duration(cfg.time_budget or "0s")
-    teacher, _ = budget_lib.split(total)
+    share = budget_lib.teacher_budget(total, cfg.teacher.optim.epochs)
     d = progress.duration
+    teacher = (
+        f"the teacher {d(share.seconds)}, or up to {d(share.max_seconds or 0)} if its first "
+        f"{share.min_epochs} epochs need it (it stops earlier once its validation top-1 "
+        "levels off), "
+        if cfg.loss.distillation != "none" and cfg.teacher.path is None
+        else ""
+    )
     return (
-        f"{d(total)} (time_budget): the teacher up to {d(teacher)} (a third; it stops earlier "
-        f"once its validation top-1 levels off), the student the rest; each phase's epochs "
-        f"(at most {cfg.teacher.optim.epochs} / {cfg.epochs}) are sized from its first epoch's "
-        "measured time"
+        f"{d(total)} (time_budget) from launch: {teacher}the student the rest; each phase's "
+        f"epochs (at most {cfg.teacher.optim.epochs} / {cfg.epochs}) are sized from its first "
+        "epoch's measured time"
     )
 
 
@@ -340,13 +346,15 @@ def train_and_evaluate(
     resume: bool = False,
     pretrained: Pretrained | None = None,
     why: str | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """`deit train`: data, optional teacher, the student; writes `OUTPUT/results.json`.
 
     With `pretrained` the student is that network (at `cfg`'s image size and the data's class
     count, see `adapt_params`) and starts from its weights instead of a fresh init. `resume`
     needs something saved in `cfg.output` (`check_resumable`). `why` says why the recipe was
-    chosen, for the header (`announce`).
+    chosen, for the header (`announce`). `cfg.time_budget` counts from `started` (a
+    `time.perf_counter()` value; `deit train` passes its launch), else from this call.
 
     SIGINT/SIGTERM stop every phase (teacher, student, their evaluations) within seconds
     (`deit.signals`); the `Interrupted` raised names `cfg.output`, the folder to resume,
@@ -364,7 +372,7 @@ def train_and_evaluate(
         if resume:  # under the lock: a live run in the folder is named first
             check_resumable(out)
         try:
-            return _train_and_evaluate(cfg, out, resume, pretrained, why)
+            return _train_and_evaluate(cfg, out, resume, pretrained, why, started)
         except Interrupted as stop:
             stop.run_output = out
             saved = saved_progress(out) is not None
@@ -373,8 +381,14 @@ def train_and_evaluate(
 
 
 def _train_and_evaluate(
-    cfg: TrainConfig, out: Path, resume: bool, pretrained: Pretrained | None, why: str | None
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    pretrained: Pretrained | None,
+    why: str | None,
+    started: float | None,
 ) -> dict[str, Any]:
+    launched = time.perf_counter() if started is None else started
     if jax.process_index() == 0 and (resume or not (out / "config.json").exists()):
         # Before the teacher phase, so that `resume` finds the run's settings from the start.
         out.mkdir(parents=True, exist_ok=True)
@@ -402,23 +416,29 @@ def _train_and_evaluate(
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
     announce(cfg, student, train_src, val_src, why=why)
-    start = time.perf_counter()
     total = budget_lib.parse_duration(cfg.time_budget) if cfg.time_budget and not resume else None
-    teacher, teacher_path = None, None
+    spent = lambda: time.perf_counter() - launched
+    teacher, teacher_path, teacher_val = None, None, None
     if cfg.loss.distillation != "none":
         share = None
         if total is not None:
-            seconds, _ = budget_lib.split(total)
-            share = budget_lib.PhaseBudget(
-                seconds, max_epochs=cfg.teacher.optim.epochs, plateau=True
-            )
+            share = budget_lib.teacher_budget(total, cfg.teacher.optim.epochs).less(spent())
         teacher, teacher_path = resolve_teacher(cfg, train_src, val_src, resume, share)
         check_teacher(teacher, num_classes)
         if cfg.teacher.dtype is not None:
             teacher = teacher.with_dtype(cfg.teacher.dtype)
+        # Before the student, so that its share of a budget is what is truly left.
+        teacher_val = run_eval(
+            make_teacher_eval_step(teacher, cfg.model.dtype),
+            val_src,
+            cfg.data,
+            parallel.make_mesh(),
+            cfg.batch_size,
+            phase="the teacher's evaluation",
+        )["avg"]
     rest = None
     if total is not None:
-        left = total - (time.perf_counter() - start)
+        left = total - spent() - budget_lib.TAIL_SECONDS
         rest = budget_lib.PhaseBudget(max(left, 0.0), max_epochs=cfg.epochs)
         progress.say(
             f"student: {progress.duration(max(left, 0.0))} of the time budget left; its epochs "
@@ -453,15 +473,7 @@ def _train_and_evaluate(
     if pretrained is not None:
         summary["finetuned_from"] = pretrained.path
     if teacher is not None:
-        mesh = parallel.make_mesh()
-        summary["teacher"] = run_eval(
-            make_teacher_eval_step(teacher, cfg.model.dtype),
-            val_src,
-            cfg.data,
-            mesh,
-            cfg.batch_size,
-            phase="the teacher's evaluation",
-        )["avg"]
+        summary["teacher"] = teacher_val
         summary["teacher_path"] = str(teacher_path)
     if jax.process_index() == 0:
         (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -486,7 +498,12 @@ def _variant_at(name: str | None, img_size: int) -> str:
 
 
 def finetune(
-    cfg: TrainConfig, checkpoint: str | Path, *, resume: bool = False, why: str | None = None
+    cfg: TrainConfig,
+    checkpoint: str | Path,
+    *,
+    resume: bool = False,
+    why: str | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """`deit train --finetune CKPT`: `train_and_evaluate` from an exported DeiT.
 
@@ -509,4 +526,4 @@ def finetune(
         data=dataclasses.replace(cfg.data, mean=prep.mean, std=prep.std),
     )
     pretrained = Pretrained(model, variables["params"], str(folder.absolute()))
-    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained, why=why)
+    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained, why=why, started=started)
