@@ -1,6 +1,6 @@
-"""The README's distillation table on the built-in set: for each seed, the ResNet teacher and the
-DeiT student without distillation, with soft and with hard distillation, equal budget (the
-`digits` recipe). Writes `bench/results/digits_distillation.{json,md}`.
+"""The distillation table on the built-in set (docs/distillation_study.md): for each seed, the
+ResNet teacher and the DeiT student without distillation, with soft and with hard distillation,
+equal budget (the `digits` recipe). Writes `bench/results/digits_distillation.{json,md}`.
 
     python bench/digits_distillation.py --seeds 0 1 2 --out runs/table
 """

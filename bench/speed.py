@@ -1,4 +1,5 @@
-"""The README's speed table: images/s and FLOP rate of this package against timm, in one run.
+"""The CPU speed tables (docs/speed_cpu.md): images/s and FLOP rate of this package against timm,
+in one run.
 
     python bench/speed.py                 # the defaults: ~10 min on 2 cores
     python bench/speed.py --models deit_tiny_distilled_patch16_224 --batches 32 --train-models
@@ -61,8 +62,8 @@ IMPLS = ("deit", "timm", "timm-compile")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Images/s and FLOP rate against timm, interleaved, one run; the defaults are the README's
-    table (DeiT-Ti and DeiT-S distilled)."""
+    """Images/s and FLOP rate against timm, interleaved, one run; the defaults are the
+    tables of docs/speed_cpu.md (DeiT-Ti and DeiT-S distilled)."""
 
     models: tuple[str, ...] = (TI, S)  # variants timed in inference
     batches: tuple[int, ...] = (1, 8, 32, 64)  # inference batch sizes

@@ -86,7 +86,8 @@ def rows(result: dict[str, Any]) -> Iterable[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The README table: images/s (median over rounds), ratios, FLOP rate, compile time, memory."""
+    """The speed table (docs/speed_cpu.md): images/s (median over rounds), ratios, FLOP rate,
+    compile time, memory."""
     head = (
         "| step | model | batch | dtype | deit img/s | timm img/s | timm compiled img/s "
         "| deit ÷ timm | deit ÷ compiled | deit GFLOP/s | % of matmul | XLA compile s "

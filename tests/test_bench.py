@@ -185,23 +185,6 @@ def test_without_torch_it_names_the_extra_to_install(monkeypatch, capsys, bench)
     assert bench.missing_reference(bench.BenchConfig(timm=False)) is None
 
 
-def test_step_probes_read_fusion_sets_and_time_interleaved():
-    sys.path.insert(0, str(BENCH))
-    try:
-        probes = importlib.import_module("step_probes")
-    finally:
-        sys.path.remove(str(BENCH))
-    key = probes.YNN_FUSION_TYPE
-    assert probes._fusion_option("default") is None
-    assert probes._fusion_option("none") == {key: ""}
-    both = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-    assert probes._fusion_option("INDIVIDUAL_DOT+REDUCE") == {key: both}
-    x = jax.numpy.ones((8, 8))
-    jax.jit(lambda a: a, compiler_options=probes._fusion_option("INDIVIDUAL_DOT+REDUCE"))(x)
-    rates = probes._interleaved({"a": (jax.jit(lambda a: a @ a), (x,), 4.0)}, rounds=2)
-    assert set(rates) == {"a"} and rates["a"] > 0
-
-
 def test_gpu_report_ratios_and_the_async_timer():
     """bench/gpu.py's page from fixed results: the ratios against timm and the matmul share; and
     `run_async` waits once per batch of calls, growing it until it lasts `min_seconds`."""

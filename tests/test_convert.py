@@ -3,7 +3,7 @@ refusal of unsafe pickles, strict key checking and the end-to-end `convert_check
 
 References are randomly initialised (nothing downloads) and every tensor is perturbed so biases,
 LayerNorm affines and the zero-initialised HF tokens carry signal. Run with `-s` to see the
-measured max |Δ| per head (the README parity table).
+measured max |Δ| per head (the parity table, docs/parity.md).
 """
 
 from __future__ import annotations
