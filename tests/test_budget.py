@@ -63,6 +63,27 @@ def test_a_share_counts_what_went_before_its_phase():
     assert budget.epochs_within(budget.PhaseBudget(30).less(50.0), 5.0, 1.0) == 1
 
 
+def test_a_strict_phase_is_trimmed_when_its_epochs_slow_down():
+    share = budget.PhaseBudget(100.0, strict=True)
+    assert budget.trimmed_epochs(share, 20.0, 2, 10, 10.0) == 10  # ends at 100 s
+    assert budget.trimmed_epochs(share, 20.0, 2, 10, 10.6) == 10  # within half an epoch
+    assert budget.trimmed_epochs(share, 20.0, 2, 10, 11.0) == 2 + 7  # 108 s: 7 more fit
+    assert budget.trimmed_epochs(share, 99.0, 2, 10, 10.0) == 3  # at least one more
+    assert budget.trimmed_epochs(share, 20.0, 2, 10, 1.0) == 10  # never lengthened
+    assert budget.trimmed_epochs(share, 20.0, 2, 10, 0.0) == 10
+
+
+def test_the_measured_epoch_is_the_mean_after_the_first(monkeypatch):
+    clock = budget.EpochClock(0.0)
+    times = iter([30.0, 37.0, 45.0, 51.0])
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: next(times))
+    clock.epoch_end()
+    assert clock.measured_epoch() is None  # the first epoch carries the compiles
+    for _ in range(3):
+        clock.epoch_end()
+    assert clock.measured_epoch() == 7.0
+
+
 def test_the_process_age_counts_from_the_launch():
     import subprocess
     import sys

@@ -67,6 +67,9 @@ class PhaseBudget:
     """Also stop once the validation top-1 levels off (`Plateau`, patience `patience_for`)."""
     max_seconds: float | None = None
     """`min_epochs` are run only as far as they end by this (None: always)."""
+    strict: bool = False
+    """The run's last phase: it must end by `seconds`, so after every epoch its projected end
+    is checked again against the measured epochs (`trimmed_epochs`)."""
 
     def less(self, spent: float) -> PhaseBudget:
         """This share when `spent` seconds of it went before the phase started."""
@@ -125,6 +128,20 @@ def epochs_within(budget: PhaseBudget, elapsed: float, epoch_time: float) -> int
     return int(min(budget.max_epochs, max(least, fit(budget.seconds))))
 
 
+def trimmed_epochs(
+    budget: PhaseBudget, elapsed: float, done: int, epochs: int, epoch_time: float
+) -> int:
+    """The epochs in all of a `budget.strict` phase after `done` of its `epochs`, `elapsed`
+    seconds in, when an epoch has been taking `epoch_time`: `epochs` while the projected end
+    passes `budget.seconds` by half an epoch at most, else as many as still end by it (at least
+    one more). Never more than `epochs`: the cosine schedule is only ever shortened."""
+    if epoch_time <= 0 or elapsed + (epochs - done) * epoch_time <= (
+        budget.seconds + epoch_time / 2
+    ):
+        return epochs
+    return min(epochs, done + max(1, math.floor((budget.seconds - elapsed) / epoch_time)))
+
+
 def patience_for(epochs: int) -> int:
     """Evaluations without gain that count as a plateau in a run of `epochs`: a fifth of them,
     at least 4 (a noisy early epoch is not a plateau)."""
@@ -163,6 +180,17 @@ class EpochClock:
     def __init__(self, start: float) -> None:
         self.start = start
         self.marks: dict[str, float] = {}
+        self.ends: list[float] = []  # every epoch's end (its checkpoint saved)
+
+    def epoch_end(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def measured_epoch(self) -> float | None:
+        """The mean wall time of the epochs after the first, saves and exports included; None
+        before two epochs have ended."""
+        if len(self.ends) < 2:
+            return None
+        return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
 
     def mark(self, name: str) -> bool:
         """Records `name` now, the first time only; True if this call recorded it."""

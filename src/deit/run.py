@@ -439,7 +439,7 @@ def _train_and_evaluate(
     rest = None
     if total is not None:
         left = total - spent() - budget_lib.TAIL_SECONDS
-        rest = budget_lib.PhaseBudget(max(left, 0.0), max_epochs=cfg.epochs)
+        rest = budget_lib.PhaseBudget(max(left, 0.0), max_epochs=cfg.epochs, strict=True)
         progress.say(
             f"student: {progress.duration(max(left, 0.0))} of the time budget left; its epochs "
             "are sized after the first one",

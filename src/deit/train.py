@@ -37,7 +37,7 @@ from deit.evaluate import evaluate_state, make_eval_step, weight_sets
 from deit.losses import LossConfig, deit_loss
 from deit.model import forward
 from deit.optim import EmaConfig, create_optimizer, ema_decay_at, ema_update
-from deit.progress import RunLogger
+from deit.progress import RunLogger, duration
 from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 
@@ -366,6 +366,17 @@ def fit(
     evaluated = 0
     tick, seen, begin = time.perf_counter(), 0, step
     plateau: budget_lib.Plateau | None = None  # with budget.plateau, once the run is sized
+
+    def resize(cfg: TrainConfig, epochs: int) -> tuple[TrainConfig, Any, Any, Any]:
+        """`cfg` with `epochs`, the schedule laid over them and the step compiled for it; the
+        logger and config.json say so."""
+        cfg = replace(cfg, optim=replace(cfg.optim, epochs=epochs))
+        tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
+        logger.resize(epochs * spe, epochs)
+        if jax.process_index() == 0:
+            (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
+        return cfg, tx, schedule, compile_step(tx, schedule)
+
     ended_early = False
     interrupted = lambda: Interrupted(
         stop.requested,
@@ -406,23 +417,29 @@ def fit(
                     _export(out / "best", model, state, ema, train_src, cfg, extra_meta)
                 ckpts.save(step, state, meta(best, epoch), wait=stop.requested is not None)
                 saved = step
+                clock.epoch_end()
                 if budget is not None and clock.mark("saved"):  # the first epoch: size the run
                     epochs = budget_lib.epochs_within(
                         budget, clock.elapsed(), clock.epoch_time(spe, eval_steps)
                     )
                     logger.note(clock.sizing_text(title, budget, spe, eval_steps, epochs))
                     if epochs != cfg.epochs:
-                        cfg = replace(cfg, optim=replace(cfg.optim, epochs=epochs))
-                        tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
-                        train_step = compile_step(tx, schedule)
-                        logger.resize(epochs * spe, epochs)
-                        if jax.process_index() == 0:
-                            (out / "config.json").write_text(
-                                json.dumps(configs.to_dict(cfg), indent=2) + "\n"
-                            )
+                        cfg, tx, schedule, train_step = resize(cfg, epochs)
                     if budget.plateau:
                         plateau = budget_lib.Plateau(budget_lib.patience_for(epochs))
                         plateau.update(results["val"]["avg"]["top1"])
+                elif budget is not None and budget.strict and epoch + 1 < cfg.epochs:
+                    per = clock.measured_epoch() or 0.0
+                    epochs = budget_lib.trimmed_epochs(
+                        budget, clock.elapsed(), epoch + 1, cfg.epochs, per
+                    )
+                    if epochs < cfg.epochs:
+                        logger.note(
+                            f"[{title}] an epoch now takes {duration(per)}: {epochs} "
+                            f"epoch(s) in all instead of {cfg.epochs}, to end within the time "
+                            "budget"
+                        )
+                        cfg, tx, schedule, train_step = resize(cfg, epochs)
                 elif (
                     plateau is not None
                     and plateau.update(results["val"]["avg"]["top1"])
