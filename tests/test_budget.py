@@ -75,13 +75,21 @@ def test_a_strict_phase_is_trimmed_when_its_epochs_slow_down():
 
 def test_the_measured_epoch_is_the_mean_after_the_first(monkeypatch):
     clock = budget.EpochClock(0.0)
-    times = iter([30.0, 37.0, 45.0, 51.0])
+    times = iter([30.0, 37.0, 45.0, 51.0, 70.0, 72.0, 74.0, 77.0])
     monkeypatch.setattr(budget.time, "perf_counter", lambda: next(times))
     clock.epoch_end()
-    assert clock.measured_epoch() is None  # the first epoch carries the compiles
-    for _ in range(3):
+    clock.epoch_end()
+    assert clock.measured_epoch() is None  # the first epoch carries the compiles; one is few
+    for _ in range(2):
         clock.epoch_end()
     assert clock.measured_epoch() == 7.0
+    clock.recompiled()  # the epoch ending at 70 s carries a new compile: measured from its end
+    clock.epoch_end()
+    clock.epoch_end()
+    assert clock.measured_epoch() is None
+    clock.epoch_end()
+    clock.epoch_end()
+    assert clock.measured_epoch() == 7.0 / 3
 
 
 def test_the_process_age_counts_from_the_launch():

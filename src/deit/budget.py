@@ -176,6 +176,7 @@ class EpochClock:
     carry the compiles (`epoch_time`)."""
 
     MARKS = ("first_step", "train_end", "first_eval", "eval_end", "saved")
+    MEASURED = 2  # clean epochs before a trim is decided on them
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -185,10 +186,15 @@ class EpochClock:
     def epoch_end(self) -> None:
         self.ends.append(time.perf_counter())
 
+    def recompiled(self) -> None:
+        """The step was just compiled again: the next epoch carries that compile, so epochs are
+        measured again from its end."""
+        self.ends = []
+
     def measured_epoch(self) -> float | None:
-        """The mean wall time of the epochs after the first, saves and exports included; None
-        before two epochs have ended."""
-        if len(self.ends) < 2:
+        """The mean wall time of the epochs since the last one that carried a compile, saves
+        and exports included; None before `MEASURED` of them have ended."""
+        if len(self.ends) <= self.MEASURED:
             return None
         return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
 

@@ -375,6 +375,7 @@ def fit(
         logger.resize(epochs * spe, epochs)
         if jax.process_index() == 0:
             (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
+        clock.recompiled()
         return cfg, tx, schedule, compile_step(tx, schedule)
 
     ended_early = False
@@ -429,7 +430,7 @@ def fit(
                         plateau = budget_lib.Plateau(budget_lib.patience_for(epochs))
                         plateau.update(results["val"]["avg"]["top1"])
                 elif budget is not None and budget.strict and epoch + 1 < cfg.epochs:
-                    per = clock.measured_epoch() or 0.0
+                    per = clock.measured_epoch() or 0.0  # 0: not yet measured, no trim
                     epochs = budget_lib.trimmed_epochs(
                         budget, clock.elapsed(), epoch + 1, cfg.epochs, per
                     )
