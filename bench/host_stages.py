@@ -314,7 +314,15 @@ def pipeline_rows(d: Data, root: Path, rounds: int) -> list[dict[str, Any]]:
     from deit.data import DataConfig, load_sources, pipeline
 
     cfg = DataConfig(dataset=str(root), img_size=d.size, workers=0, repeats=1)
-    train, _ = load_sources(cfg)
+    home = os.environ.get("DEIT_HOME")
+    os.environ["DEIT_HOME"] = str(root / "home")  # the folder's index: not in the user's cache
+    try:
+        train, _ = load_sources(cfg)
+    finally:
+        if home is None:
+            del os.environ["DEIT_HOME"]
+        else:
+            os.environ["DEIT_HOME"] = home
     batch = min(16, len(train))
     plan = pipeline.Plan(len(train), 0, batch, epochs=1, seed=0)
     make = pipeline._MakeBatch(plan, train, train, cfg)
