@@ -2,7 +2,9 @@
 command line, and the report of a result."""
 
 import importlib
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -216,3 +218,24 @@ def test_gpu_report_ratios_and_the_async_timer():
     images, _seconds, calls = timm_worker.run_async(call, lambda: clock.update(
         syncs=clock["syncs"] + 1), 0.0)  # fmt: skip
     assert (images, calls) == (2, 1) and clock == {"calls": 2, "syncs": 2}
+
+
+def test_host_stages_table_and_old_against_new(tmp_path):
+    """bench/host_stages.py at its smallest: every stage and case has a positive time, the
+    report names the CPU, and the process's cores are given back."""
+    spec = importlib.util.spec_from_file_location("host_stages", BENCH / "host_stages.py")
+    host_stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_stages)
+    cores = os.sched_getaffinity(0)
+    args = ["--images", "4", "--rounds", "1", "--large", "1.5", "--out", str(tmp_path)]
+    assert host_stages.main(args) == 0
+    assert os.sched_getaffinity(0) == cores
+    (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("host_stages_*.json")]
+    (page,) = tmp_path.glob("host_stages_*.md")
+    assert report["machine"]["cpu"] in page.read_text()
+    stages = {r["stage"] for r in report["stages"]}
+    assert {"file read", "RandAugment (on PIL)", "ShearX"} <= stages
+    assert all(r["ms"] > 0 for r in report["stages"] if "IPC" not in r["stage"])
+    cases = report["end_to_end"] + report["pipeline"]
+    assert len(cases) >= 2 * 3 + 2 and all(r["img_s"] > 0 for r in cases)
+    assert cases[0]["case"].startswith("old path") and cases[0]["x_old"] == 1.0

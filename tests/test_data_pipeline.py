@@ -188,3 +188,30 @@ def test_config_validation():
     with pytest.raises(ValueError):
         data.DataConfig(randaugment="rand-q9")
     assert data.DataConfig().num_workers == data.usable_cores()
+
+
+def test_training_from_files_gives_the_batches_of_their_decoded_arrays(tmp_path):
+    """JPEG files take the encoded path (crop drawn from the header, `train_transform_encoded`),
+    arrays the array path; where no DCT scaling applies their batches are bit-identical."""
+    from deit.transforms import decode_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    labels, classes = np.arange(12) % 3, ["a", "b", "c"]
+    files = data.Source([str(p) for p in paths], labels, classes)
+    arrays = data.Source([decode_image(p) for p in paths], labels, classes)
+    kw = dict(seed=1, global_batch=4, epochs=2)
+    for cfg in (
+        small_cfg(repeats=1, img_size=24, scale=(0.08, 1.0)),  # crops < 48 px: never scaled
+        small_cfg(repeats=1, img_size=8, decode_scaling=False),
+    ):
+        from_files = list(data.train_batches(files, cfg, **kw))
+        assert_same_batches(from_files, list(data.train_batches(arrays, cfg, **kw)))
+    scaled = small_cfg(repeats=1, img_size=8, scale=(0.9, 1.0))  # crops of 38+ px: 1/4 size
+    a = list(data.train_batches(files, scaled, **kw))
+    b = list(data.train_batches(arrays, scaled, **kw))
+    assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))

@@ -3,9 +3,12 @@ against torchvision's sampler rules, and decoding of every PIL mode we expect to
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
+import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +16,23 @@ import pytest
 from PIL import Image
 from timm.data import auto_augment as timm_aa
 
+from deit import transforms
 from deit.transforms import (
     IMAGENET_FILL,
     RAND_INCREASING_TRANSFORMS,
     RAND_TRANSFORMS,
     RandAugment,
+    dct_scale,
     decode_image,
     eval_transform,
     hflip,
     random_resized_crop,
     random_resized_crop_box,
     train_transform,
+    train_transform_encoded,
 )
+
+RA = "rand-m9-mstd0.5-inc1"
 
 
 def _random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -359,3 +367,193 @@ def test_decode_reports_decompression_bombs(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # errors above twice the limit
     with pytest.raises(ValueError, match="decompression-bomb"):
         decode_image(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host path from encoded files (issue 27): the same draws, the same pixels
+
+
+def _old_transforms():
+    """bench/transforms_before.py: this module as it was before the encoded path (the old
+    host path, kept verbatim for the benchmark) — "today's" output the new path must match."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "transforms_before.py"
+    spec = importlib.util.spec_from_file_location("transforms_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("transforms_before", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h: int, w: int, seed: int = 0) -> Image.Image:
+    """Smooth colour blobs plus grain: JPEG has real work, and nothing is flat."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(h // 16, 2), max(w // 16, 2), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), float)
+    return Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8))
+
+
+ENCODINGS = {
+    "jpeg 4:2:0": lambda im: _encoded(im, "JPEG", quality=90),
+    "jpeg 4:4:4": lambda im: _encoded(im, "JPEG", quality=95, subsampling=0),
+    "jpeg 4:2:2": lambda im: _encoded(im, "JPEG", quality=75, subsampling=1),
+    "jpeg progressive": lambda im: _encoded(im, "JPEG", quality=85, progressive=True),
+    "jpeg grey": lambda im: _encoded(im.convert("L"), "JPEG", quality=90),
+    "jpeg cmyk": lambda im: _encoded(im.convert("CMYK"), "JPEG", quality=90),
+    "png": lambda im: _encoded(im, "PNG"),
+    "png palette": lambda im: _encoded(im.convert("P"), "PNG"),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@pytest.mark.parametrize("simplejpeg", [True, False])
+def test_encoded_path_is_bit_identical_to_the_old_path(
+    encoding: str, simplejpeg: bool, monkeypatch: pytest.MonkeyPatch
+):
+    """With no DCT scaling (`dct=False`, or crops under twice the output) the encoded path gives
+    exactly the old decode -> crop -> flip -> RandAugment output, from the same draws."""
+    if simplejpeg:
+        pytest.importorskip("simplejpeg")
+    else:
+        monkeypatch.setattr(transforms, "_simplejpeg", lambda: None)
+    old = _old_transforms()
+    data = ENCODINGS[encoding](_photo(75, 100))
+    ra_old, ra_new = old.RandAugment.from_string(RA), RandAugment.from_string(RA)
+    np.testing.assert_array_equal(decode_image(data), old.decode_image(data))
+    for seed in range(12):
+        for size, dct in ((32, False), (48, True), (40, False)):  # 48: every crop < 2 x 48
+            want_rng, rng = np.random.default_rng(seed), np.random.default_rng(seed)
+            want = old.train_transform(old.decode_image(data), want_rng, size, randaugment=ra_old)
+            got = train_transform_encoded(data, rng, size, randaugment=ra_new, dct=dct)
+            np.testing.assert_array_equal(got, want, err_msg=f"{encoding} seed {seed} {size}")
+            assert rng.random() == want_rng.random()  # and the same number of draws
+            from_array = train_transform(
+                decode_image(data), np.random.default_rng(seed), size, randaugment=ra_new
+            )
+            np.testing.assert_array_equal(from_array, want)
+
+
+def test_encoded_path_reads_paths_and_reports_bad_files(tmp_path: Path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(ENCODINGS["jpeg 4:2:0"](_photo(30, 40)))
+    a = train_transform_encoded(path, np.random.default_rng(0), 16)
+    b = train_transform_encoded(path.read_bytes(), np.random.default_rng(0), 16)
+    np.testing.assert_array_equal(a, b)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for bad in (truncated, tmp_path / "missing.jpg"):
+        with pytest.raises(ValueError, match=re.escape(f"cannot decode image {bad}:")):
+            train_transform_encoded(bad, np.random.default_rng(0), 16)
+
+
+def test_dct_scale_only_where_the_resize_still_shrinks():
+    assert dct_scale(447, 500, 224, 224) == 1
+    assert dct_scale(448, 448, 224, 224) == 2
+    assert dct_scale(900, 1800, 224, 224) == 4
+    assert dct_scale(4000, 3000, 224, 224) == 8
+    assert dct_scale(2000, 300, 224, 224) == 1
+
+
+def test_dct_scaled_decode_keeps_the_crop():
+    """A large photo decoded at 1/2-1/8 gives the crop of the full decode: the same draws, the
+    same box (a smooth image differs by under a grey level on average, so nothing shifted)."""
+    base = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((1600, 1200), Image.Resampling.BICUBIC)
+    data = _encoded(img, "JPEG", quality=95)
+    scaled = 0
+    for seed in range(24):
+        rng_full, rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        full = train_transform_encoded(data, rng_full, 96, dct=False)
+        got = train_transform_encoded(data, rng, 96)
+        assert rng.random() == rng_full.random()
+        scaled += not np.array_equal(got, full)
+        assert np.abs(got.astype(float) - full).mean() < 1.0, seed
+    assert scaled >= 20  # crops of 1200 px and more on a side are 2x 96 and more: nearly all
+
+
+def test_simplejpeg_decodes_to_pils_pixels():
+    pytest.importorskip("simplejpeg")
+    for name in ("jpeg 4:2:0", "jpeg 4:4:4", "jpeg 4:2:2", "jpeg progressive", "jpeg grey"):
+        data = ENCODINGS[name](_photo(61, 83, seed=1))
+        fast = transforms._fast_jpeg(data)
+        assert fast is not None, name
+        with Image.open(io.BytesIO(data)) as ref:
+            np.testing.assert_array_equal(fast, np.asarray(ref.convert("RGB")), err_msg=name)
+    assert transforms._fast_jpeg(ENCODINGS["jpeg cmyk"](_photo(8, 8))) is None  # PIL's CMYK
+
+
+# ---------------------------------------------------------------------------------------------
+# The augmentation's distribution against timm's own samplers
+
+
+def test_crop_boxes_follow_timms_distribution():
+    """Area fraction, log aspect and position of our boxes against timm's
+    `RandomResizedCropAndInterpolation.get_params` on a 500x375 image (two-sample KS tests)."""
+    from scipy.stats import ks_2samp
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    random.seed(0)
+    img = Image.new("RGB", (500, 375))
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    theirs = np.array(
+        [RandomResizedCropAndInterpolation.get_params(img, scale, ratio) for _ in range(4000)]
+    )
+    rng = np.random.default_rng(0)
+    ours = np.array([random_resized_crop_box(375, 500, rng, scale, ratio) for _ in range(4000)])
+
+    def stats(boxes: np.ndarray) -> dict[str, np.ndarray]:
+        top, left, h, w = boxes.T.astype(float)
+        return {
+            "area": h * w / (375 * 500),
+            "log aspect": np.log(w / h),
+            "centre y": (top + h / 2) / 375,
+            "centre x": (left + w / 2) / 500,
+        }
+
+    for key, a in stats(ours).items():
+        assert ks_2samp(a, stats(theirs)[key]).pvalue > 1e-3, key
+
+
+def test_randaugment_draws_follow_timms():
+    """Ops applied per image (2 layers at p 0.5), which ops, and their magnitudes (N(9, 0.5)
+    clipped to [0, 10]) from `rand-m9-mstd0.5-inc1`, ours against timm's `RandAugment`."""
+    from scipy.stats import chisquare, ks_2samp
+
+    img = Image.new("RGB", (4, 4))
+    theirs = timm_aa.rand_augment_transform(RA, {"img_mean": IMAGENET_FILL})
+    seen_theirs: list[list[tuple[str, float]]] = []
+    for op in theirs.ops:
+        op.level_fn = lambda m, hp, name=op.name: seen_theirs[-1].append((name, m)) or ()
+        op.aug_fn = lambda im, *a, **k: im
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(3000):
+        seen_theirs.append([])
+        theirs(img)
+    ours = RandAugment.from_string(RA)
+    seen_ours: list[list[tuple[str, float]]] = []
+    patched = {
+        name: (lambda im, f, rng, ra, name=name: seen_ours[-1].append((name, 10 * f)) or im)
+        for name in ours.ops
+    }
+    rng = np.random.default_rng(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transforms, "_OPS", patched)
+        for _ in range(3000):
+            seen_ours.append([])
+            ours.augment(img, rng)
+    for seen in (seen_ours, seen_theirs):
+        counts = np.bincount([len(s) for s in seen], minlength=3)
+        assert chisquare(counts, [750, 1500, 750]).pvalue > 1e-3
+        names = [n for s in seen for n, _ in s]
+        freq = [names.count(op) for op in ours.ops]
+        assert chisquare(freq).pvalue > 1e-3
+    mags_ours = np.array([m for s in seen_ours for _, m in s])
+    mags_theirs = np.array([m for s in seen_theirs for _, m in s])
+    assert ks_2samp(mags_ours, mags_theirs).pvalue > 1e-3
+    assert abs(mags_ours.std() - mags_theirs.std()) < 0.05 and mags_ours.max() <= 10.0

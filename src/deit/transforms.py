@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -66,30 +67,80 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
+def _simplejpeg() -> Any:
+    """simplejpeg (libjpeg-turbo, decoding straight into numpy), or None when not installed."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def _fast_jpeg(data: bytes) -> np.ndarray | None:
+    """uint8 `(H, W, 3)` through simplejpeg for a baseline/progressive YCbCr or grey JPEG, else
+    None (anything it would not decode as PIL does: CMYK, odd files, warnings, no simplejpeg).
+
+    Both wrap libjpeg-turbo with its default accurate IDCT and fancy upsampling, so the pixels are
+    PIL's (`tests/test_transforms.py`); simplejpeg saves PIL's RGBX unpacking and the copy into
+    numpy, which cost as much as the decode itself.
+    """
+    sj = _simplejpeg() if data[:2] == b"\xff\xd8" else None
+    if sj is None:
+        return None
+    try:
+        h, w, colorspace, _ = sj.decode_jpeg_header(data)
+        limit = Image.MAX_IMAGE_PIXELS
+        if colorspace not in ("YCbCr", "Gray") or (limit is not None and h * w > limit):
+            return None  # PIL converts CMYK its own way, and owns the bomb check
+        return sj.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None  # PIL decides: it decodes what it can and words the error
+
+
+def _decode_error(name: str, e: BaseException) -> InputError:
+    if isinstance(e, Image.DecompressionBombError):
+        return InputError(
+            f"cannot decode image {name}: over the decompression-bomb limit of "
+            f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({e})"
+        )
+    return InputError(f"cannot decode image {name}: {e}")
+
+
+_DECODE_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def _read(data: bytes | str | Path) -> tuple[str, bytes, Any]:
+    """(name for errors, the bytes, what PIL opens: the path itself, so its errors name it)."""
+    if isinstance(data, bytes):
+        return f"<{len(data)} bytes>", data, io.BytesIO(data)
+    try:
+        return str(data), Path(data).read_bytes(), data
+    except OSError as e:
+        raise _decode_error(str(data), e) from e
+
+
 def decode_image(data: bytes | str | Path) -> np.ndarray:
     """Decodes encoded bytes or an image file to uint8 `(H, W, 3)` RGB.
 
     Any PIL mode is accepted. Alpha is dropped without compositing, and CMYK/YCbCr use PIL's plain
     conversion, as torchvision's `ImageFolder` loader (`img.convert("RGB")`) does for the
-    reference; EXIF orientation is likewise ignored. 16-bit images keep their top 8 bits.
+    reference; EXIF orientation is likewise ignored. 16-bit images keep their top 8 bits. Plain
+    JPEGs go through simplejpeg when it is installed, with PIL's pixels.
 
     Raises:
         ValueError: `cannot decode image {path}: {reason}` for missing, empty, truncated or
             non-image files and for images over PIL's decompression-bomb pixel limit.
     """
-    name = f"<{len(data)} bytes>" if isinstance(data, bytes) else str(data)
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    name, raw, source = _read(data)
+    fast = _fast_jpeg(raw)
+    if fast is not None:
+        return fast
     try:
         with Image.open(source) as img:
             img.load()  # decoding is lazy: only load() notices a truncated file
             return _to_rgb(img)
-    except Image.DecompressionBombError as e:
-        raise InputError(
-            f"cannot decode image {name}: over the decompression-bomb limit of "
-            f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({e})"
-        ) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"cannot decode image {name}: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,16 +435,19 @@ class RandAugment:
             m = rng.normal(m, self.magnitude_std)
         return float(min(max(m, 0.0), self.magnitude_max))
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Augments uint8 `(H, W, 3)`, returning a new uint8 `(H, W, 3)` array."""
-        _check_image(img)
-        pil = Image.fromarray(img)
+    def augment(self, pil: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """`__call__` on an RGB PIL image, without the array round trips (same draws)."""
         for index in rng.integers(0, len(self.ops), size=self.num_ops):
             if self.prob < 1.0 and rng.random() > self.prob:
                 continue
             level = self._sample_magnitude(rng) / _LEVEL_DENOM
             pil = _OPS[self.ops[index]](pil, level, rng, self)
-        return np.array(pil, dtype=np.uint8)
+        return pil
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Augments uint8 `(H, W, 3)`, returning a new uint8 `(H, W, 3)` array."""
+        _check_image(img)
+        return np.array(self.augment(Image.fromarray(img), rng), dtype=np.uint8)
 
 
 def train_transform(
@@ -409,7 +463,97 @@ def train_transform(
 ) -> np.ndarray:
     """Random-resized-crop -> horizontal flip -> RandAugment on uint8 `(H, W, 3)`, giving
     `(size, size, 3)`: the order of timm's `transforms_imagenet_train` before normalisation."""
-    out = random_resized_crop(img, rng, size, scale, ratio, interpolation)
-    if hflip > 0:
-        out = _flip(out, rng, hflip)
-    return randaugment(out, rng) if randaugment is not None else out
+    _check_image(img)
+    out_h, out_w = _hw(size)
+    top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng, scale, ratio)
+    crop = Image.fromarray(img[top : top + ch, left : left + cw])
+    pil = crop.resize((out_w, out_h), _resample(interpolation))
+    return _flip_and_augment(pil, rng, hflip, randaugment)
+
+
+def _flip_and_augment(
+    pil: Image.Image, rng: np.random.Generator, p: float, randaugment: RandAugment | None
+) -> np.ndarray:
+    # PIL mirrors in C; numpy's copy of a reversed view costs as much as a RandAugment op
+    if p > 0 and rng.random() < p:
+        pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if randaugment is not None:
+        pil = randaugment.augment(pil, rng)
+    return np.array(pil, dtype=np.uint8)
+
+
+# JPEG's DCT scaling (libjpeg's scale_denom, PIL's `draft`): 1/2, 1/4 or 1/8 of each side.
+DCT_SCALES = (8, 4, 2)
+
+
+def dct_scale(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
+    """The largest JPEG DCT reduction `s` (8, 4, 2, else 1) that leaves the crop box at least the
+    output size on both sides, so that the resize after it still only shrinks."""
+    for s in DCT_SCALES:
+        if crop_h >= s * out_h and crop_w >= s * out_w:
+            return s
+    return 1
+
+
+def train_transform_encoded(
+    data: bytes | str | Path,
+    rng: np.random.Generator,
+    size: int | tuple[int, int],
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    randaugment: RandAugment | None = None,
+    interpolation: str = "bicubic",
+    dct: bool = True,
+) -> np.ndarray:
+    """`train_transform(decode_image(data), ...)` from the encoded file: uint8 `(size, size, 3)`.
+
+    The crop box is drawn from the file's full size with the same draws, so the augmentation's
+    distribution is unchanged. Where the box is at least twice the output on both sides (and `dct`),
+    a JPEG decodes at 1/2, 1/4 or 1/8 of its size through libjpeg's DCT scaling (PIL's `draft`,
+    what DALI and FFCV do) and the same box, in the reduced image's coordinates, is resized from
+    there: close to, not bit-identical with, the full decode. Everywhere else the output is
+    bit-identical to `train_transform(decode_image(data), ...)`.
+
+    Raises:
+        ValueError: `cannot decode image ...`, as `decode_image`.
+    """
+    out_h, out_w = _hw(size)
+    resample = _resample(interpolation)
+    name, raw, source = _read(data)
+    try:
+        with Image.open(source) as img:
+            w, h = img.size
+            top, left, ch, cw = random_resized_crop_box(h, w, rng, scale, ratio)
+            s = dct_scale(ch, cw, out_h, out_w) if dct and img.format == "JPEG" else 1
+            if s > 1 and img.mode in ("RGB", "L"):
+                drafted = img.draft(img.mode, (w // s, h // s))
+                s = w / drafted[1][2] if drafted else 1  # the reduction PIL chose
+            else:
+                s = 1
+            if s > 1:
+                img.load()
+                # the box in the reduced image: its pixel j covers [s j, s j + s) of the full one
+                box = (left / s, top / s, (left + cw) / s, (top + ch) / s)
+                rgb = img if img.mode == "RGB" else img.convert("RGB")
+                pil = rgb.resize((out_w, out_h), resample, box=box)
+            else:
+                crop = _decode_crop(img, raw, top, left, ch, cw)
+                pil = crop.resize((out_w, out_h), resample)
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from e
+    return _flip_and_augment(pil, rng, hflip, randaugment)
+
+
+def _decode_crop(
+    img: Image.Image, raw: bytes, top: int, left: int, ch: int, cw: int
+) -> Image.Image:
+    """The box of the full decode, with `decode_image`'s pixels, as an RGB PIL image."""
+    arr = _fast_jpeg(raw) if img.format == "JPEG" else None
+    if arr is not None:
+        return Image.fromarray(arr[top : top + ch, left : left + cw])
+    img.load()  # decoding is lazy: only load() notices a truncated file
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img.crop((left, top, left + cw, top + ch))  # in C, without a full-image array
+    return Image.fromarray(_to_rgb(img)[top : top + ch, left : left + cw])

@@ -55,6 +55,10 @@ class DataConfig:
     """Chance of a horizontal flip."""
     randaugment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment string (official `--aa`); None: no RandAugment."""
+    decode_scaling: bool = True
+    """Decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when its random-resized
+    crop is at least that many times the training size: the same crops, faster on large photos;
+    False: always decode whole (then every image is bit-identical to decode-then-crop)."""
     crop_pct: float = 0.875
     """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
     interpolation: Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"] = (

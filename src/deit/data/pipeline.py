@@ -22,6 +22,7 @@ import functools
 import logging
 import multiprocessing
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -33,10 +34,17 @@ import numpy as np
 
 from deit.data import index, shards, subset
 from deit.data.config import DataConfig
-from deit.data.sources import BadImageError, RecordSource, digits, is_synthetic, synthetic
+from deit.data.sources import (
+    BadImageError,
+    RecordSource,
+    Source,
+    digits,
+    is_synthetic,
+    synthetic,
+)
 from deit.errors import InputError
 from deit.signals import ignore_in_worker
-from deit.transforms import RandAugment, eval_transform, train_transform
+from deit.transforms import RandAugment, eval_transform, train_transform, train_transform_encoded
 
 log = logging.getLogger("deit")
 
@@ -63,6 +71,21 @@ def load_sources(cfg: DataConfig) -> tuple[RecordSource, RecordSource]:
         train = subset.Subset(train, keep, cfg.subset_repeats)
         log.info(subset.describe(train, cfg.label_fraction, cfg.subset_seed))
     return train, val
+
+
+def encoded(source: Any, i: int) -> bytes | str | None:
+    """Record `i`'s encoded file (bytes, or its path) where the source keeps one, else None (the
+    source holds decoded arrays)."""
+    if isinstance(source, subset.Subset):
+        return encoded(source.source, int(source.indices[i]))
+    if isinstance(source, index.FolderSource):
+        return source.name(i)
+    if isinstance(source, shards.ShardSource):
+        return source.record(i)[2]
+    if isinstance(source, Source):
+        image = source.images[i]
+        return None if isinstance(image, np.ndarray) else image
+    return None
 
 
 def _spread(global_batch: int, repeats: int) -> np.ndarray:
@@ -162,10 +185,14 @@ class _MakeBatch:
     def randaugment(self) -> RandAugment | None:
         return RandAugment.from_string(self.cfg.randaugment) if self.cfg.randaugment else None
 
-    def _read(self, source: Any, i: int) -> tuple[np.ndarray | None, int, int]:
-        """(image or None, label, bad index or -1): a substitute stands in under "skip"."""
+    def _read(
+        self, source: Any, i: int, load: Callable[[Any, int], np.ndarray] | None = None
+    ) -> tuple[np.ndarray | None, int, int]:
+        """(image or None, label, bad index or -1): `load(source, i)` (default `source.load`), a
+        substitute standing in under "skip"."""
+        load = load or (lambda src, j: src.load(j))
         try:
-            return source.load(i), int(source.labels[i]), -1
+            return load(source, i), int(source.labels[i]), -1
         except ValueError:
             if self.cfg.bad_images == "error":
                 return None, int(source.labels[i]), i
@@ -173,13 +200,34 @@ class _MakeBatch:
         for k in range(1, min(MAX_SUBSTITUTES, n)):
             j = (i + k) % n
             try:
-                return source.load(j), int(source.labels[j]), i
+                return load(source, j), int(source.labels[j]), i
             except ValueError:
                 continue
         raise BadImageError(
             f"{min(MAX_SUBSTITUTES, n)} consecutive records from {source.name(i)} cannot be "
             "decoded; expected mostly readable images (run deit data check on the folder)"
         )
+
+    def _augment(self, source: Any, i: int, seed: list[int]) -> np.ndarray:
+        """Record `i` decoded and augmented with the draws of `seed` (= (seed, epoch, position),
+        anew for each record tried, so a substitute gets the draws the bad record would have).
+
+        From the encoded file where the source keeps one (`train_transform_encoded`): the crop
+        box is drawn from its header's size, a JPEG decodes at reduced size where the crop allows
+        (`cfg.decode_scaling`), and elsewhere the pixels are those of decode-then-augment."""
+        kw = {
+            "scale": self.cfg.scale,
+            "ratio": self.cfg.ratio,
+            "hflip": self.cfg.hflip,
+            "randaugment": self.randaugment,
+            "interpolation": self.cfg.interpolation,
+        }
+        size = self.cfg.img_size
+        data = encoded(source, i)
+        if data is not None:
+            rng = np.random.default_rng(seed)
+            return train_transform_encoded(data, rng, size, dct=self.cfg.decode_scaling, **kw)
+        return train_transform(source.load(i), np.random.default_rng(seed), size, **kw)
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         kind, epoch, j = self.plan.element(int(k))
@@ -190,19 +238,12 @@ class _MakeBatch:
         if kind == "train":
             order = _cached_order(p.train_size, epoch, p.seed, p.global_batch, p.repeats)
             for slot in range(lo, lo + p.local):
-                image, label, b = self._read(self.train, int(order[j, slot]))
-                if image is not None and not getattr(self.train, "prepared", False):
-                    rng = np.random.default_rng([p.seed, epoch, j * p.global_batch + slot])
-                    image = train_transform(
-                        image,
-                        rng,
-                        size,
-                        scale=self.cfg.scale,
-                        ratio=self.cfg.ratio,
-                        hflip=self.cfg.hflip,
-                        randaugment=self.randaugment,
-                        interpolation=self.cfg.interpolation,
+                load = None
+                if not getattr(self.train, "prepared", False):
+                    load = functools.partial(
+                        self._augment, seed=[p.seed, epoch, j * p.global_batch + slot]
                     )
+                image, label, b = self._read(self.train, int(order[j, slot]), load)
                 images.append(blank if image is None else image)
                 labels.append(label)
                 bad.append(b)
