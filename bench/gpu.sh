@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-wheels=(grain==0.2.18 array-record==0.8.6 tyro tensorboardX docstring-parser typeguard shtab portpicker)
+wheels=(grain==0.2.18 array-record==0.8.6 tyro tensorboardX docstring-parser typeguard shtab portpicker simplejpeg)
 
 if [[ "${1:-}" == "--wheels" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
@@ -42,7 +42,8 @@ elif "$python" -c 'import jax, torch, timm; assert jax.default_backend() == "gpu
 import importlib.util
 names = {"grain": "grain", "array_record": "array-record", "tyro": "tyro",
          "tensorboardX": "tensorboardX", "docstring_parser": "docstring-parser",
-         "typeguard": "typeguard", "shtab": "shtab", "portpicker": "portpicker"}
+         "typeguard": "typeguard", "shtab": "shtab", "portpicker": "portpicker",
+         "simplejpeg": "simplejpeg"}
 print(" ".join(w for m, w in names.items() if importlib.util.find_spec(m) is None))
 PY
 )
