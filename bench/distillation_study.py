@@ -34,7 +34,7 @@ import numpy as np
 import tyro
 from study_stats import cell, mean_std, paired_cell, paired_t
 
-from deit import configs, export
+from deit import configs, export, pretrained
 from deit import data as data_lib
 from deit.configs import TrainConfig
 from deit.data import survey as data_survey
@@ -166,10 +166,10 @@ def train_teacher(cfg: TrainConfig, cell: Path) -> None:
 def token_story(folder: Path, images: list[np.ndarray]) -> dict[str, Any]:
     """CLS vs DIST cosine through the student in `folder` (`visualize.token_similarity`) and how
     often the two heads' argmax agree, over `images`."""
-    model, variables, config = export.load_exported(folder)
-    x = export.Preprocessing.from_config(config, model).inputs(images)
-    out, _, tokens = forward_with_attention(model, variables, x)
-    sim = token_similarity(variables["params"], tokens)
+    opened = pretrained.open_model(folder)
+    x = opened.preprocessing.inputs(images)
+    out, _, tokens = forward_with_attention(opened.model, opened.variables, x)
+    sim = token_similarity(opened.variables["params"], tokens)
     agree = np.argmax(out.cls_logits, -1) == np.argmax(out.dist_logits, -1)
     return {**sim, "agreement": float(agree.mean() * 100)}
 

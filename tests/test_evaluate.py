@@ -6,10 +6,9 @@ from PIL import Image
 
 import deit
 from deit import data, evaluate, export
-from deit.export import Preprocessing
 from deit.teacher import create_teacher
 from deit.transforms import eval_transform
-from deit.variants import IMAGENET_MEAN, IMAGENET_STD
+from deit.variants import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 def test_batch_sums_on_fixed_logits():

@@ -8,8 +8,8 @@ from PIL import Image
 
 import deit
 from deit import cli, configs, data, export
+from deit.model import adapt_params
 from deit.optim import scaled_lr
-from deit.run import adapt_params
 from deit.teacher import create_teacher
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import save as save_safetensors
 from test_convert import HF_TINY, hf_model, images, numpy_sd, timm_heads, timm_model
 
 import deit
-from deit import cli, export, pretrained
+from deit import cli, export, pretrained, variants
 
 NAME = "deit_test_distilled_patch4_32"  # a tiny variant stands in for the official ones
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -313,7 +313,7 @@ def test_a_384_model_is_evaluated_uncropped_by_every_command(
         crops.append((size, crop_pct))
         return real(img, size, crop_pct, interpolation)
 
-    monkeypatch.setattr(export, "eval_transform", spy)
+    monkeypatch.setattr(transforms, "eval_transform", spy)
     monkeypatch.setattr(pipeline, "eval_transform", spy)
     image = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
@@ -341,7 +341,9 @@ def test_a_pretrained_name_is_a_teacher(official, deit_home):
     assert teacher.num_classes == 10
     # The teacher takes [0, 1] images and applies the folder's own normalisation.
     x01 = (images(32)[1] * 0.1 + 0.5).clip(0, 1)
-    prep = export.Preprocessing.from_config(json.loads((folder / "config.json").read_text()), None)
+    prep = variants.Preprocessing.from_config(
+        json.loads((folder / "config.json").read_text()), None
+    )
     want = timm_heads(
         ref,
         torch.from_numpy(

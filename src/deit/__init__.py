@@ -13,7 +13,8 @@ from typing import Any
 _EXPORTS = {
     "DeiT": "deit.model",
     "DeiTOutput": "deit.model",
-    "create_model": "deit.model",
+    # With `pretrained=True` it needs the weights layer, which sits above the network's.
+    "create_model": "deit.pretrained",
     "deit_forward": "deit.model",
     "flops_per_image": "deit.model",
     "forward_with_attention": "deit.model",

@@ -32,7 +32,6 @@ from jax.experimental import multihost_utils
 
 from deit import diskspace
 from deit.errors import InputError
-from deit.export import layout_mismatch
 
 log = logging.getLogger("deit")
 
@@ -266,6 +265,22 @@ def manifest_problem(folder: Path) -> str | None:
         if _digest(path) != entry["sha256"]:
             return f"{name} differs from what was written (checksum)"
     return None
+
+
+def layout_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """`None` when two `{path: shape}` maps agree; otherwise one line naming missing,
+    unexpected and wrongly shaped arrays (the first few of each)."""
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    common = sorted(set(saved) & set(wanted))
+    wrong = [f"{k} {saved[k]} != {wanted[k]}" for k in common if saved[k] != wanted[k]]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+    return f"missing [{show(missing)}], unexpected [{show(unexpected)}], shapes [{show(wrong)}]"
 
 
 def abstract_like(state: Any) -> Any:

@@ -26,6 +26,7 @@ from deit.data.survey import DIGITS, SMALL_SIDE, DataSurvey
 from deit.errors import InputError
 from deit.losses import LossConfig
 from deit.optim import EmaConfig, OptimConfig
+from deit.parallel import ParallelConfig
 from deit.variants import get_spec
 
 VERSION = 1  # of the config.json layout
@@ -77,27 +78,6 @@ class TeacherConfig:
     """The teacher's weight EMA."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
     """The teacher's mixup/cutmix and label smoothing."""
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the state is laid out over the devices (the processes are given at launch)."""
-
-    fsdp: bool = False
-    """Shard parameters and optimiser state over the devices instead of replicating them."""
-    heartbeat_timeout: int = 60
-    """Seconds without a heartbeat after which a process of a multi-process run counts as lost:
-    the others then stop with one line naming it (JAX's own runtime gets 30 s more, so that
-    this line comes before its abort)."""
-    shutdown_timeout: int = 300
-    """Seconds a finished process of a multi-process run waits for the others at exit."""
-    init_timeout: int = 300
-    """Seconds the processes of a multi-process run wait for each other at start-up."""
-
-    def __post_init__(self) -> None:
-        for name in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} {getattr(self, name)}; expected 1 or more seconds")
 
 
 @dataclass(frozen=True)

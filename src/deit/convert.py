@@ -27,7 +27,7 @@ from deit.class_names import IMAGENET, IMAGENET_CLASSES
 from deit.errors import InputError
 from deit.model import DeiT, create_model, init_params, resample_pos_embed
 from deit.torch_pickle import load_state_dict, save_torch
-from deit.variants import VARIANTS, get_spec, resolve_name
+from deit.variants import VARIANTS, Preprocessing, get_spec, resolve_name
 
 __all__ = [
     "convert_checkpoint",
@@ -385,7 +385,7 @@ def convert_checkpoint(
     model = create_model(name, **overrides)
     params = from_torch(state_dict, model, drop_heads=drop_heads)
     # The registry's eval preprocessing of the variant, at the converted model's size.
-    prep = export.Preprocessing.from_config({"variant": name}, model)
+    prep = Preprocessing.from_config({"variant": name}, model)
     # The official, timm and HF DeiT heads are ImageNet-1k classifiers: `class_names` then
     # names their outputs; a head of another size (or fresh heads) is not ImageNet's.
     imagenet = model.num_classes == IMAGENET_CLASSES and not drop_heads

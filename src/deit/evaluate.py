@@ -1,18 +1,18 @@
 """Evaluation and prediction: top-1 / top-5 / cross-entropy of the class head, the distillation
 head and their average (the paper's Table 3 reports all three) over a whole validation set, for a
-run's weights (each epoch, `evaluate_state`), a teacher, or an exported model (`deit eval`,
+run's weights (each epoch, `train.evaluate_state`), a teacher, or an exported model (`deit eval`,
 `evaluate_checkpoint`); and the top classes of image files (`deit predict`, `predict`).
 
-An exported model's images go through its `export.Preprocessing`: the eval transform in the data
-pipeline's workers (or `Preprocessing.crop` for files), normalisation on the device in the step.
+An exported model (`pretrained.open_model`) sees images through its `variants.Preprocessing`:
+the eval transform in the data pipeline's workers (or `Preprocessing.crop` for files),
+normalisation on the device in the step.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +24,11 @@ from deit.augment import normalize
 from deit.class_names import class_names, is_imagenet
 from deit.compiler import compiler_options
 from deit.errors import InputError
-from deit.export import Preprocessing, exported_folder, load_exported
 from deit.model import forward
+from deit.pretrained import open_model
 from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 from deit.transforms import decode_image
-
-if TYPE_CHECKING:
-    from deit.train import TrainState
 
 HEADS = ("cls", "dist", "avg")
 
@@ -182,35 +179,6 @@ def run_eval(
         stop.restore()
 
 
-def weight_sets(state: TrainState) -> dict[str, Any]:
-    """The weights evaluated each epoch: `val` (the trained ones) and `val_ema` (with EMA)."""
-    weights = {"val": state.params}
-    if state.ema_params is not None:
-        weights["val_ema"] = state.ema_params
-    return weights
-
-
-def evaluate_state(
-    eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
-    state: TrainState,
-    source: data_lib.RecordSource,
-    data_cfg: data_lib.DataConfig,
-    mesh: Any,
-    global_batch: int,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
-    return {
-        split: run_eval(
-            functools.partial(eval_step, params, state.batch_stats),
-            source,
-            data_cfg,
-            mesh,
-            global_batch,
-        )
-        for split, params in weight_sets(state).items()
-    }
-
-
 # ----------------------------------------------------------------------------- exported models
 
 
@@ -225,8 +193,8 @@ def evaluate_checkpoint(
     """`deit eval`: per-head top-1/top-5/loss of an exported model on `data`'s val split; with
     `per_class`, also `per_class`: `[{"class", "name", "top1", "count"}]` of the averaged heads,
     by class index (`name`: ImageNet-1k's for a converted 1000-class head, else the class)."""
-    model, variables, config = load_exported(exported_folder(checkpoint))
-    prep = Preprocessing.from_config(config, model)
+    opened = open_model(checkpoint)
+    model, variables, prep = opened.model, opened.variables, opened.preprocessing
     cfg = data_lib.DataConfig(
         dataset=data,
         img_size=prep.img_size,
@@ -238,7 +206,7 @@ def evaluate_checkpoint(
         bad_images=bad_images,
     )
     _, val_src = data_lib.load_sources(cfg)
-    classes = config.get("classes")
+    classes = opened.classes
     if classes is not None and classes != val_src.classes:
         raise InputError(
             f"the checkpoint was trained on classes {classes[:5]}... but {data} has "
@@ -259,8 +227,8 @@ def evaluate_checkpoint(
     if per_class:
         sums = results.pop("per_class")
         num_classes = len(sums["count"])
-        names = class_names(config, num_classes)
-        if not is_imagenet(config, num_classes):
+        names = class_names(opened.config, num_classes)
+        if not is_imagenet(opened.config, num_classes):
             names = list(val_src.classes)
         results["per_class"] = [
             {"class": c, "name": names[c], "count": int(n),
@@ -294,10 +262,10 @@ def predict(
     named by `class_names` (a run's folders, ImageNet-1k's for converted weights)."""
     if top < 1:
         raise InputError(f"top {top}; expected 1 or more classes to show")
-    model, variables, config = load_exported(exported_folder(checkpoint))
-    prep = Preprocessing.from_config(config, model)
-    classes = class_names(config, model.num_classes)
-    x = prep.inputs([decode_image(p) for p in images])
+    opened = open_model(checkpoint)
+    model, variables = opened.model, opened.variables
+    classes = class_names(opened.config, model.num_classes)
+    x = opened.preprocessing.inputs([decode_image(p) for p in images])
     cls, dist, _ = forward(
         model, variables["params"], variables.get("batch_stats", {}), x, train=False
     )

@@ -178,17 +178,13 @@ def check_config(model: DeiT) -> None:
 _FIELDS = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
 
 
-def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> Any:
+def create_model(name: str, **overrides: Any) -> DeiT:
     """A registered variant (`deit_tiny_distilled_patch16_224`, ..., or an alias) as a `DeiT`.
 
     Overrides are `DeiT` fields: `num_classes`, `img_size`, `drop_path_rate`, `dtype`, ...
-    With `pretrained=True` (the eight official checkpoints, `deit.pretrained.PRETRAINED`) the
-    result is the pair `(model, variables)`, as timm's `create_model(name, pretrained=True)`: the
-    weights are downloaded and converted once (see `deit.pretrained`), the position embedding is
-    resampled to another `img_size` and the heads start fresh for another `num_classes`.
+    `deit.create_model(name, pretrained=True)` (`pretrained.create_model`) adds the official
+    weights; the network layer itself never reaches for files.
     """
-    if pretrained:
-        return _pretrained_model(name, overrides)
     spec = get_spec(name)
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
@@ -208,20 +204,6 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> An
     )
     kwargs.update(overrides)
     return DeiT(**kwargs)
-
-
-def _pretrained_model(name: str, overrides: dict[str, Any]) -> tuple[DeiT, dict]:
-    from deit.pretrained import load_pretrained
-    from deit.run import adapt_params
-
-    model, variables = load_pretrained(resolve_name(name))
-    unknown = sorted(set(overrides) - _FIELDS)
-    if unknown:
-        raise InputError(f"unknown override(s) {unknown} for {name}; expected {sorted(_FIELDS)}")
-    if not overrides:
-        return model, variables
-    target = model.clone(**overrides)
-    return target, {"params": adapt_params(variables["params"], model, target)}
 
 
 def init_params(model: DeiT, seed: int | jax.Array = 0) -> dict:
@@ -317,6 +299,40 @@ def resample_pos_embed(
     grid = grid.reshape(1, *old_grid, d).astype(jnp.float32)
     grid = jax.image.resize(grid, (1, *new_grid, d), method="bicubic", antialias=True)
     return jnp.concatenate([prefix, grid.reshape(1, -1, d).astype(prefix.dtype)], axis=1)
+
+
+def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0) -> dict:
+    """`src`'s params fitted to `dst`: the same network at another resolution or class count.
+
+    `pos_embed (1, prefix + N_src, D)` is resampled to `dst.grid` (bicubic on the patch grid,
+    the cls/dist rows kept as they are; `model.resample_pos_embed`), and the heads are freshly
+    initialised from `rng` when the class count differs; everything else is copied. This is what
+    the official `main.py --finetune` does: it interpolates the position embedding and drops
+    `head` / `head_dist` of the wrong shape.
+    """
+    fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "distilled")
+    fields += ("with_dist_head",)
+    differ = [
+        f"{f} {getattr(src, f)} -> {getattr(dst, f)}"
+        for f in fields
+        if getattr(src, f) != getattr(dst, f)
+    ]
+    if differ:
+        raise InputError(
+            f"cannot start from this checkpoint: the architecture differs ({', '.join(differ)}); "
+            "only the image size and the class count may change"
+        )
+    out = dict(params)
+    out["pos_embed"] = resample_pos_embed(
+        params["pos_embed"], dst.grid, src.num_prefix_tokens, old_grid=src.grid
+    )
+    if src.num_classes != dst.num_classes:
+        fresh = init_params(dst, rng)
+        for head in ("cls_head", "dist_head"):
+            out.pop(head, None)
+            if head in fresh:
+                out[head] = fresh[head]
+    return out
 
 
 def deit_forward(

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -24,10 +25,30 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deit import data as data_lib
-from deit.configs import ParallelConfig
 from deit.errors import InputError
 
 AXIS = "data"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the state is laid out over the devices (the processes are given at launch)."""
+
+    fsdp: bool = False
+    """Shard parameters and optimiser state over the devices instead of replicating them."""
+    heartbeat_timeout: int = 60
+    """Seconds without a heartbeat after which a process of a multi-process run counts as lost:
+    the others then stop with one line naming it (JAX's own runtime gets 30 s more, so that
+    this line comes before its abort)."""
+    shutdown_timeout: int = 300
+    """Seconds a finished process of a multi-process run waits for the others at exit."""
+    init_timeout: int = 300
+    """Seconds the processes of a multi-process run wait for each other at start-up."""
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_timeout", "shutdown_timeout", "init_timeout"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} {getattr(self, name)}; expected 1 or more seconds")
 
 
 def initialize(

@@ -15,6 +15,7 @@ Everything else lives in one folder, `$DEIT_HOME` (else `~/.cache/deit`):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,8 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from deit import export
+from deit.convert import convert_checkpoint
 from deit.data.config import cache_home
 from deit.errors import InputError
+from deit.model import DeiT, adapt_params
+from deit.model import create_model as _create_model
+from deit.teacher import Teacher
+from deit.variants import Preprocessing, resolve_name
 
 log = logging.getLogger("deit")
 
@@ -242,9 +249,6 @@ def checkpoint_file(name: str, source: Source = "official") -> Path:
 def pretrained_folder(name: str, source: Source = "official") -> Path:
     """The exported model folder of the official weights `name`: converted once (the
     registry's preprocessing written into its config.json) and read from the cache after."""
-    from deit import export
-    from deit.convert import convert_checkpoint
-
     folder = pretrained_dir() / name / source
     if (folder / export.CONFIG).is_file() and (folder / export.WEIGHTS).is_file():
         return folder
@@ -264,8 +268,6 @@ def pretrained_folder(name: str, source: Source = "official") -> Path:
 def load_pretrained(name: str, source: Source = "official") -> tuple[Any, dict]:
     """`(model, variables)` of the official weights `name` (`deit.export.load_exported` of
     `pretrained_folder`); the folder's config.json also holds its preprocessing."""
-    from deit import export
-
     model, variables, _ = export.load_exported(pretrained_folder(name, source))
     return model, variables
 
@@ -280,6 +282,74 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
     if name in PRETRAINED:
         return pretrained_folder(name, source or "official")  # type: ignore[arg-type]
     return path
+
+
+def exported_folder(path_or_name: str | os.PathLike) -> Path:
+    """The exported model folder of a folder, a run folder (its `final/`, else `best/`) or a
+    name of the official weights (`resolve`: downloaded and converted once)."""
+    return export.find_exported(resolve(path_or_name))
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An exported model, opened: everything `deit eval` / `predict` / `visualize` / a teacher
+    folder / `--finetune` need from it."""
+
+    model: Any
+    """The Flax module (`DeiT` or `teacher.ResNet`), as its `config.json` describes it."""
+    variables: dict
+    """`{"params": ..., "batch_stats": ...}` (batch_stats only for BatchNorm models)."""
+    preprocessing: Preprocessing
+    """How images become its input (the crop on the host, normalisation on the device)."""
+    classes: list[str] | None
+    """The class folders it was trained on, when its `config.json` records them."""
+    config: dict[str, Any]
+    """Its `config.json`, as read."""
+    folder: Path
+    """The exported folder it came from (a run's `final/`, a converted cache folder, ...)."""
+
+    def as_teacher(self) -> Teacher:
+        """A frozen teacher (a trained ResNet or any DeiT), normalising with `preprocessing`."""
+        prep = self.preprocessing
+        if isinstance(self.model, DeiT):
+            return Teacher.from_deit(self.model, self.variables, prep.mean, prep.std)
+        # A ResNet resizes the student's images to the size it was trained at, when that is known.
+        size = prep.img_size if self.config.get("img_size") else None
+        return Teacher.from_resnet(self.model, self.variables, prep.mean, prep.std, size)
+
+
+def open_model(name_or_path: str | os.PathLike) -> ExportedModel:
+    """Any exported model, by folder, run folder or official name (`exported_folder`), loaded
+    with the layout check of `export.load_exported`."""
+    folder = exported_folder(name_or_path)
+    model, variables, config = export.load_exported(folder)
+    return ExportedModel(
+        model=model,
+        variables=variables,
+        preprocessing=Preprocessing.from_config(config, model),
+        classes=config.get("classes"),
+        config=config,
+        folder=folder,
+    )
+
+
+def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> Any:
+    """`deit.create_model`: a registered variant as a `DeiT` (`model.create_model`), or with
+    `pretrained=True` (the eight official checkpoints, `PRETRAINED`) the pair
+    `(model, variables)`, as timm's `create_model(name, pretrained=True)`: the weights are
+    downloaded and converted once, the position embedding is resampled to another `img_size`
+    and the heads start fresh for another `num_classes` (`model.adapt_params`)."""
+    if not pretrained:
+        return _create_model(name, **overrides)
+    model, variables = load_pretrained(resolve_name(name))
+    fields = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise InputError(f"unknown override(s) {unknown} for {name}; expected {sorted(fields)}")
+    if not overrides:
+        return model, variables
+    target = model.clone(**overrides)
+    return target, {"params": adapt_params(variables["params"], model, target)}
 
 
 def cache_entries() -> list[tuple[Path, int]]:

@@ -21,9 +21,8 @@ from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
 from deit.evaluate import make_teacher_eval_step, run_eval
-from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
-from deit.model import DeiT, create_model, init_params, param_count, resample_pos_embed
+from deit.model import DeiT, adapt_params, create_model, param_count
 from deit.optim import REFERENCE_BATCH, OptimConfig, scaled_lr
 from deit.runlock import RunLock
 from deit.signals import Interrupted, StopSignals
@@ -74,8 +73,8 @@ def resolve_teacher(
                 f"teacher.path {path!r} is not a folder; expected an exported model folder, a "
                 "run folder or a pretrained name"
             )
-        final = exported_folder(path)
-        return teacher_from_export(final), final
+        opened = pretrained.open_model(path)
+        return opened.as_teacher(), opened.folder
     name = cfg.teacher.arch
     if name not in TEACHERS:
         raise InputError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
@@ -92,7 +91,7 @@ def resolve_teacher(
         results = fit(model, tcfg, train_src, val_src, resume=again, title="teacher", budget=budget)
         if jax.process_index() == 0:
             report_teacher(results, time.perf_counter() - tick, cfg.progress)
-    return teacher_from_export(final), final
+    return pretrained.open_model(final).as_teacher(), final
 
 
 def teacher_words(results: dict[str, Any], seconds: float) -> tuple[str, str | None]:
@@ -306,40 +305,6 @@ class Pretrained:
     path: str
 
 
-def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0) -> dict:
-    """`src`'s params fitted to `dst`: the same network at another resolution or class count.
-
-    `pos_embed (1, prefix + N_src, D)` is resampled to `dst.grid` (bicubic on the patch grid,
-    the cls/dist rows kept as they are; `model.resample_pos_embed`), and the heads are freshly
-    initialised from `rng` when the class count differs; everything else is copied. This is what
-    the official `main.py --finetune` does: it interpolates the position embedding and drops
-    `head` / `head_dist` of the wrong shape.
-    """
-    fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "distilled")
-    fields += ("with_dist_head",)
-    differ = [
-        f"{f} {getattr(src, f)} -> {getattr(dst, f)}"
-        for f in fields
-        if getattr(src, f) != getattr(dst, f)
-    ]
-    if differ:
-        raise InputError(
-            f"cannot start from this checkpoint: the architecture differs ({', '.join(differ)}); "
-            "only the image size and the class count may change"
-        )
-    out = dict(params)
-    out["pos_embed"] = resample_pos_embed(
-        params["pos_embed"], dst.grid, src.num_prefix_tokens, old_grid=src.grid
-    )
-    if src.num_classes != dst.num_classes:
-        fresh = init_params(dst, rng)
-        for head in ("cls_head", "dist_head"):
-            out.pop(head, None)
-            if head in fresh:
-                out[head] = fresh[head]
-    return out
-
-
 def train_and_evaluate(
     cfg: TrainConfig,
     *,
@@ -512,18 +477,19 @@ def finetune(
     normalisation (mean, std) is kept, since the weights were trained on it. Everything else
     (optimiser, augmentation, `loss.distillation`, `teacher`) comes from `cfg`.
     """
-    folder = exported_folder(checkpoint)
-    model, variables, config = load_exported(folder)
-    if not isinstance(model, DeiT):
-        raise InputError(f"{folder} holds a {type(model).__name__}; finetune needs a DeiT")
-    prep = export.Preprocessing.from_config(config, model)  # the weights' own normalisation
+    opened = pretrained.open_model(checkpoint)
+    if not isinstance(opened.model, DeiT):
+        raise InputError(
+            f"{opened.folder} holds a {type(opened.model).__name__}; finetune needs a DeiT"
+        )
+    prep = opened.preprocessing  # the weights' own normalisation
     cfg = dataclasses.replace(
         cfg,
         finetune=str(checkpoint),
         model=dataclasses.replace(
-            cfg.model, name=_variant_at(config.get("variant"), cfg.data.img_size)
+            cfg.model, name=_variant_at(opened.config.get("variant"), cfg.data.img_size)
         ),
         data=dataclasses.replace(cfg.data, mean=prep.mean, std=prep.std),
     )
-    pretrained = Pretrained(model, variables["params"], str(folder.absolute()))
-    return train_and_evaluate(cfg, resume=resume, pretrained=pretrained, why=why, started=started)
+    start = Pretrained(opened.model, opened.variables["params"], str(opened.folder.absolute()))
+    return train_and_evaluate(cfg, resume=resume, pretrained=start, why=why, started=started)

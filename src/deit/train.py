@@ -9,6 +9,7 @@ The same loop trains the CNN teacher (a model with BatchNorm statistics and no d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from deit.checkpoint import Checkpoints, abstract_like, least_free, state_bytes
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
 from deit.errors import InputError
-from deit.evaluate import evaluate_state, make_eval_step, weight_sets
+from deit.evaluate import make_eval_step
 from deit.losses import LossConfig, deit_loss
 from deit.model import forward
 from deit.optim import EmaConfig, create_optimizer, ema_decay_at, ema_update
@@ -169,6 +170,35 @@ def with_finite_flag(
         return new, metrics, first_bad
 
     return step
+
+
+def weight_sets(state: TrainState) -> dict[str, Any]:
+    """The weights evaluated each epoch: `val` (the trained ones) and `val_ema` (with EMA)."""
+    weights = {"val": state.params}
+    if state.ema_params is not None:
+        weights["val_ema"] = state.ema_params
+    return weights
+
+
+def evaluate_state(
+    eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
+    state: TrainState,
+    source: data_lib.RecordSource,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
+    return {
+        split: eval_lib.run_eval(
+            functools.partial(eval_step, params, state.batch_stats),
+            source,
+            data_cfg,
+            mesh,
+            global_batch,
+        )
+        for split, params in weight_sets(state).items()
+    }
 
 
 def _check_finite(first_bad: jax.Array, ckpts: Checkpoints) -> None:

@@ -1,4 +1,5 @@
-"""The registry of DeiT variants under timm's names, with the preprocessing their weights expect.
+"""The registry of DeiT variants under timm's names, with the preprocessing their weights expect
+(`ModelSpec`; `Preprocessing`, the one description of how images become a model's input).
 
 Sizes from the DeiT paper (Table 1) and timm's `deit.py`: Ti = 192 wide, 3 heads; S = 384, 6 heads;
 B = 768, 12 heads; all 12 blocks deep with MLP ratio 4 and 16×16 patches. The `test_*` variants
@@ -8,9 +9,15 @@ are tiny models of the same family used by the test suite and the built-in data 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from deit.errors import InputError
+
+if TYPE_CHECKING:
+    import jax
+    import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,3 +101,98 @@ def resolve_name(name: str) -> str:
 
 def get_spec(name: str) -> ModelSpec:
     return VARIANTS[resolve_name(name)]
+
+
+def model_size(model: Any) -> int | None:
+    """A DeiT's input side; None for a model without a fixed size (a ResNet)."""
+    size = getattr(model, "img_size", None)
+    return size if size is None or isinstance(size, int) else int(size[0])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become an exported model's input at evaluation: the shorter side resized to
+    `img_size / crop_pct` (`interpolation`), a centre crop of `img_size`, then
+    `(x / 255 - mean) / std`. The same two steps as training's validation (the crop on the
+    host, `transforms.eval_transform`; normalisation on the device, `augment.normalize`), so
+    `deit eval`, `predict`, `visualize` and a `--teacher` folder see what training saw.
+    """
+
+    img_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", int(self.img_size))
+        object.__setattr__(self, "mean", tuple(map(float, self.mean)))
+        object.__setattr__(self, "std", tuple(map(float, self.std)))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        if self.img_size <= 0 or self.crop_pct <= 0:
+            raise InputError(
+                f"img_size {self.img_size}, crop_pct {self.crop_pct}; expected both > 0"
+            )
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise InputError(
+                f"mean {self.mean} and std {self.std}; expected one value per channel, std > 0"
+            )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: Any) -> Preprocessing:
+        """The preprocessing in an exported folder's `config.json`. Missing keys take the values
+        the registry gives the folder's `variant` (`variants.ModelSpec`: crop 0.875 at 224, 1.0
+        at 384, bicubic, ImageNet mean and std) or, without a known variant, those defaults;
+        a missing image size is the model's own."""
+        spec = VARIANTS.get(config.get("variant") or "")
+        default = (
+            cls(224)
+            if spec is None
+            else cls(spec.img_size, spec.mean, spec.std, spec.crop_pct, spec.interpolation)
+        )
+        return cls(
+            img_size=config.get("img_size") or model_size(model) or default.img_size,
+            mean=config.get("mean", default.mean),
+            std=config.get("std", default.std),
+            crop_pct=config.get("crop_pct", default.crop_pct),
+            interpolation=config.get("interpolation", default.interpolation),
+        )
+
+    @classmethod
+    def from_data(cls, data: Any) -> Preprocessing:
+        """The eval preprocessing of a `data.DataConfig` (what a run's validation uses)."""
+        return cls(data.img_size, data.mean, data.std, data.crop_pct, data.interpolation)
+
+    def to_config(self) -> dict[str, Any]:
+        """The `config.json` keys (`save_model(..., **prep.to_config())`) `from_config` reads."""
+        return {
+            "img_size": self.img_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }
+
+    def crop(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Decoded uint8 `(H, W, 3)` images -> the centre-cropped uint8 batch `(B, S, S, 3)`."""
+        import numpy as np  # here, not at the top: a grain worker reading the registry skips it
+
+        from deit.transforms import eval_transform
+
+        return np.stack(
+            [eval_transform(im, self.img_size, self.crop_pct, self.interpolation) for im in images]
+        )
+
+    def normalize(self, batch: np.ndarray | jax.Array) -> jax.Array:
+        """A uint8 batch of crops `(B, S, S, 3)` -> the float32 model input, on the device:
+        `augment.normalize`'s arithmetic, written out because augment reads this registry's
+        ImageNet defaults (importing it here would close an import circle); tests/test_evaluate
+        checks the two agree."""
+        import jax.numpy as jnp  # here: importing the registry must not start JAX
+
+        x = jnp.asarray(batch).astype(jnp.float32) / 255.0
+        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+    def inputs(self, images: Sequence[np.ndarray]) -> jax.Array:
+        """Decoded uint8 images -> the model input `(B, S, S, 3)`: `normalize(crop(images))`."""
+        return self.normalize(self.crop(images))

@@ -26,9 +26,9 @@ from matplotlib.figure import Figure
 
 from deit.class_names import class_names
 from deit.errors import InputError
-from deit.export import Preprocessing, exported_folder, load_exported
 from deit.layers import LN_EPS
 from deit.model import DeiT, forward_with_attention
+from deit.pretrained import open_model
 from deit.transforms import decode_image
 
 # DeiT §4 ("Distillation token"), DeiT-B on ImageNet: cosine of the learned CLS and DIST tokens,
@@ -299,10 +299,15 @@ def visualize_checkpoint(
     `token_similarity.png` and `.json` (averaged over the images), into `out`."""
     if not images:
         raise InputError("no image files given; expected at least one image with the checkpoint")
-    model, variables, config = load_exported(exported_folder(checkpoint))
+    opened = open_model(checkpoint)
+    model, variables, config, prep = (
+        opened.model,
+        opened.variables,
+        opened.config,
+        opened.preprocessing,
+    )
     if not isinstance(model, DeiT):
         raise InputError(f"{checkpoint} holds a {type(model).__name__}; attention needs a DeiT")
-    prep = Preprocessing.from_config(config, model)
     batch = prep.crop([decode_image(p) for p in images])  # shown under the maps
     output, attn, tokens = forward_with_attention(model, variables, prep.normalize(batch))
     maps = attention_maps(attn, model.grid, model.num_prefix_tokens)
