@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tyro
 
-from deit import configs
+from deit import recipes
 from deit.losses import LossConfig
 from deit.run import train_and_evaluate
 
@@ -35,7 +35,7 @@ def main(args: Study) -> None:
     rows: dict[str, list[float]] = {"teacher (ResNet-8)": []}
     runs = []
     for seed in args.seeds:
-        base = dataclasses.replace(configs.digits(), seed=seed)
+        base = dataclasses.replace(recipes.digits(), seed=seed)
         teacher_dir = None
         for kind in ("hard", "soft", "none"):
             out = Path(args.out) / f"seed{seed}_{kind}"

@@ -34,8 +34,8 @@ import numpy as np
 import tyro
 from study_stats import cell, mean_std, paired_cell, paired_t
 
-from deit import configs, export, pretrained
 from deit import data as data_lib
+from deit import export, pretrained, recipes
 from deit.configs import TrainConfig
 from deit.data import survey as data_survey
 from deit.losses import LossConfig
@@ -104,9 +104,9 @@ class Study:
 def base_config(study: Study) -> TrainConfig:
     """The recipe the runs start from: digits, or `small` sized from the folder."""
     if study.data == "digits":
-        base = configs.digits()
+        base = recipes.digits()
     else:
-        base = configs.small(data_survey.survey(study.data))
+        base = recipes.small(data_survey.survey(study.data))
     # No EMA: the table reads the raw weights, and an EMA evaluation would double each epoch's.
     return dataclasses.replace(
         base,

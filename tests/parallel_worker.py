@@ -27,7 +27,7 @@ def main() -> None:
 
     import dataclasses
 
-    from deit import configs, data, parallel
+    from deit import configs, data, parallel, recipes
     from deit.losses import LossConfig
     from deit.model import create_model
     from deit.optim import EmaConfig, OptimConfig
@@ -38,7 +38,7 @@ def main() -> None:
     n = args.steps * args.batch
     subset = data.Source(train_src.images[:n], train_src.labels[:n], train_src.classes)
     val = data.Source(val_src.images[:40], val_src.labels[:40], val_src.classes)
-    base = configs.digits()
+    base = recipes.digits()
     cfg = dataclasses.replace(
         base,
         batch_size=args.batch,

@@ -131,13 +131,13 @@ def test_image_over_the_decompression_bomb_limit(tmp_path, model_dir, monkeypatc
 
 def test_unreadable_image_mid_epoch_keeps_the_last_checkpoint(tmp_path, capsys):
     """The run stops at the step that reads the file; checkpoints before it are kept, whole."""
-    from deit import configs, data
+    from deit import data, recipes
     from deit.checkpoint import Checkpoints
 
     root = make_folder(tmp_path / "data", per_class=8)
     bad = root / "train" / "dog" / "9.png"  # record 16 of 17: the last one
     bad.write_bytes(b"")
-    repeats = configs.recipe("imagenet").data.repeats  # the recipe train_args runs
+    repeats = recipes.recipe("imagenet").data.repeats  # the recipe train_args runs
 
     def first_read(seed: int) -> tuple[int, int] | None:
         for epoch in (0, 1):

@@ -125,12 +125,12 @@ def test_a_budgeted_run_is_sized_after_its_first_epoch(tmp_path, capsys):
     and config.json record it, and the phase says so."""
     import dataclasses
 
-    from deit import configs, data
+    from deit import data, recipes
     from deit.losses import LossConfig
     from deit.model import create_model
     from deit.train import fit
 
-    base = configs.digits()
+    base = recipes.digits()
     cfg = dataclasses.replace(
         base,
         output=str(tmp_path / "run"),

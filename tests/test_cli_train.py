@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deit import cli, cli_train, configs, variants
+from deit import cli, cli_train, configs, recipes, variants
 from deit.configs import ConfigError
 
 
@@ -17,14 +17,14 @@ def parse(*argv: str) -> configs.TrainConfig:
     return cli_train.parse(list(argv))[0]
 
 
-@pytest.mark.parametrize("name", sorted(configs.RECIPES))
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
 def test_every_recipe_round_trips_through_print_config(name, tmp_path, capsys):
     assert cli.main(["train", "--recipe", name, "--print-config"]) == 0
     printed = capsys.readouterr().out
     path = tmp_path / "config.json"
     path.write_text(printed)
-    assert parse("--config", str(path)) == configs.recipe(name)
-    assert configs.from_dict(json.loads(printed)) == configs.recipe(name)
+    assert parse("--config", str(path)) == recipes.recipe(name)
+    assert recipes.from_dict(json.loads(printed)) == recipes.recipe(name)
 
 
 # Each official main.py flag (and the older short names) with a value and the field it sets.
@@ -95,8 +95,8 @@ def test_dotted_flags_reach_nested_fields():
     cfg = parse("--data.scale", "0.2", "0.9", "--optim.lr", "None", "--teacher.optim.lr", "0.1")
     assert cfg.data.scale == (0.2, 0.9) and cfg.optim.lr is None and cfg.teacher.optim.lr == 0.1
     # Untouched fields keep the recipe's values.
-    assert dataclasses.replace(cfg, data=configs.digits().data, optim=configs.digits().optim,
-                               teacher=configs.digits().teacher) == configs.digits()  # fmt: skip
+    assert dataclasses.replace(cfg, data=recipes.digits().data, optim=recipes.digits().optim,
+                               teacher=recipes.digits().teacher) == recipes.digits()  # fmt: skip
 
 
 def test_a_paper_readme_command_runs_through_the_parser():
@@ -115,13 +115,13 @@ def test_a_partial_yaml_file_then_flags(tmp_path):
     path.write_text(yaml.safe_dump({"optim": {"weight_decay": 0.01}, "ema": {"decay": 0.9}}))
     cfg = parse("--config", str(path), "--ema.decay", "0.8")
     assert cfg.optim.weight_decay == 0.01 and cfg.ema.decay == 0.8
-    assert cfg.optim.lr == configs.digits().optim.lr  # the rest: the recipe
+    assert cfg.optim.lr == recipes.digits().optim.lr  # the rest: the recipe
 
 
 def test_resume_reads_the_runs_config(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    saved = dataclasses.replace(configs.digits(), seed=7, output=str(run))
+    saved = dataclasses.replace(recipes.digits(), seed=7, output=str(run))
     (run / "config.json").write_text(json.dumps(configs.to_dict(saved)))
     cfg = parse("--resume", "--output", str(run))
     assert cfg == saved
@@ -197,7 +197,7 @@ def test_a_file_that_does_not_parse(tmp_path, capsys):
 
 def test_config_error_keeps_its_setting():
     with pytest.raises(ConfigError) as err:
-        configs.from_dict({"optim": {"epochs": 0}})
+        recipes.from_dict({"optim": {"epochs": 0}})
     assert err.value.key == "optim.epochs"
 
 
@@ -272,13 +272,13 @@ def test_the_small_recipe_keeps_the_grid_whole_for_any_size():
     from deit.data.survey import DataSurvey
 
     for side, count in [(8, 1437), (28, 40), (50, 300), (150, 500), (640, 2000), (30, 20000)]:
-        cfg = configs.small(DataSurvey("folder", count, 3, side))
+        cfg = recipes.small(DataSurvey("folder", count, 3, side))
         spec = variants.get_spec(cfg.model.name)
         assert cfg.data.img_size % spec.patch_size == 0 and cfg.data.img_size <= 224
         assert 1 <= cfg.batch_size <= max(1, count // 4) and cfg.batch_size <= 128
         assert 10 <= cfg.epochs <= 300
     # The default: the built-in digits, with the small recipe's lighter augmentation.
-    d, digits = configs.small().data, configs.digits().data
+    d, digits = recipes.small().data, recipes.digits().data
     assert (
         (d.dataset, d.img_size, d.hflip, d.workers)
         == ("digits", 16, 0.0, 0)

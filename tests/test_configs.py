@@ -1,16 +1,16 @@
 """The config tree's backend-dependent default (the compute dtype), and the `small` recipe's
-choices from a folder's survey (`configs.small`, issue 25)."""
+choices from a folder's survey (`recipes.small`, issue 25)."""
 
 import dataclasses
 
 import pytest
 
-from deit import configs, variants
+from deit import configs, recipes, variants
 from deit.data.survey import DataSurvey
 
 
 def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_elsewhere():
-    cfg = configs.imagenet()
+    cfg = recipes.imagenet()
     assert cfg.model.dtype == "auto"
     assert configs.resolve_dtype(cfg, "gpu").model.dtype == "bfloat16"
     assert configs.resolve_dtype(cfg, "cpu").model.dtype == "float32"
@@ -24,14 +24,14 @@ def survey(count=3000, side=28, channels=1, classes=10, balance=1.0):
 
 
 def test_28px_grey_3000_images_get_the_light_small_image_recipe():
-    cfg = configs.small(survey())
+    cfg = recipes.small(survey())
     assert cfg.recipe == "small" and cfg.time_budget == "15m"
     # 8x8 patches on the image upsampled to 32: 16 tokens (49 at patches of 4).
     assert cfg.model.name == "deit_digits_distilled_patch8_32" and cfg.data.img_size == 32
     assert cfg.batch_size == 64 and cfg.optim.lr == pytest.approx(2e-3 * (64 / 128) ** 0.5)
-    assert cfg.optim.warmup_epochs == 2 and cfg.epochs == configs.SMALL_EPOCHS[1]  # a ceiling
+    assert cfg.optim.warmup_epochs == 2 and cfg.epochs == recipes.SMALL_EPOCHS[1]  # a ceiling
     assert cfg.teacher.arch == "resnet8"
-    assert cfg.teacher.optim.epochs == configs.SMALL_TEACHER_EPOCHS
+    assert cfg.teacher.optim.epochs == recipes.SMALL_TEACHER_EPOCHS
     d = cfg.data
     assert d.scale == (0.6, 1.0) and d.randaugment == "rand-m3-mstd0.5-inc1"
     assert d.hflip == 0.0 and d.crop_pct == 1.0 and d.repeats == 1
@@ -39,12 +39,12 @@ def test_28px_grey_3000_images_get_the_light_small_image_recipe():
 
 
 def test_flips_only_for_colour():
-    assert configs.small(survey(channels=1)).data.hflip == 0.0
-    assert configs.small(survey(channels=3)).data.hflip == 0.5
+    assert recipes.small(survey(channels=1)).data.hflip == 0.0
+    assert recipes.small(survey(channels=3)).data.hflip == 0.5
 
 
 def test_large_images_keep_deit_tiny_and_the_stronger_augmentation():
-    cfg = configs.small(survey(count=5000, side=200, channels=3))
+    cfg = recipes.small(survey(count=5000, side=200, channels=3))
     assert cfg.model.name == "deit_tiny_distilled_patch16_224" and cfg.data.img_size == 192
     assert cfg.data.scale == (0.35, 1.0) and cfg.data.randaugment == "rand-m5-mstd0.5-inc1"
     assert cfg.data.crop_pct == 0.875 and cfg.model.drop_path_rate == 0.1
@@ -54,13 +54,13 @@ def test_large_images_keep_deit_tiny_and_the_stronger_augmentation():
     ("count", "batch"), [(40, 8), (300, 16), (1252, 32), (2000, 32), (3000, 64), (9000, 128)]
 )
 def test_the_batch_leaves_enough_steps_per_epoch(count, batch):
-    assert configs.small_batch(count) == batch
+    assert recipes.small_batch(count) == batch
     assert count // batch >= 4
 
 
 def test_the_grid_stays_whole_for_any_size():
     for side, count in [(8, 1437), (28, 40), (50, 300), (150, 500), (640, 2000), (30, 20000)]:
-        cfg = configs.small(survey(count=count, side=side, channels=3))
+        cfg = recipes.small(survey(count=count, side=side, channels=3))
         spec = variants.get_spec(cfg.model.name)
         assert cfg.data.img_size % spec.patch_size == 0 and cfg.data.img_size <= 224
         assert 0.9 <= cfg.ema.decay <= 0.9999
@@ -71,8 +71,8 @@ def test_the_budget_is_checked_where_it_is_set():
 
     with pytest.raises(InputError, match="time_budget"):
         configs.TrainConfig(time_budget="soon")
-    assert configs.from_dict({"recipe": "digits", "time_budget": "5m"}).time_budget == "5m"
-    assert configs.digits().time_budget is None and configs.imagenet().time_budget is None
+    assert recipes.from_dict({"recipe": "digits", "time_budget": "5m"}).time_budget == "5m"
+    assert recipes.digits().time_budget is None and recipes.imagenet().time_budget is None
 
 
 def test_the_survey_describes_what_chose_the_recipe():
@@ -96,5 +96,5 @@ def test_the_survey_describes_what_chose_the_recipe():
     ],
 )
 def test_the_model_and_size_follow_the_side(side, model, size):
-    cfg = configs.small(survey(side=side))
+    cfg = recipes.small(survey(side=side))
     assert (cfg.model.name, cfg.data.img_size) == (model, size)

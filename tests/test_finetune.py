@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import deit
-from deit import cli, configs, data, export
+from deit import cli, data, export, recipes
 from deit.model import adapt_params
 from deit.optim import scaled_lr
 from deit.teacher import create_teacher
@@ -45,13 +45,13 @@ def test_adapt_params_refuses_another_architecture():
 
 
 def test_finetune_recipes_follow_the_reference():
-    small = configs.recipe("finetune")
+    small = recipes.recipe("finetune")
     assert small.optim.opt == "sgd" and small.batch_size == 768
     assert small.optim.weight_decay == 1e-4 and small.epochs == 1000
     assert small.erasing.prob == 0.0 and small.model.drop_path_rate == 0.0
     # The official linear scaling: 0.01 quoted, 0.015 at a batch of 768.
     assert scaled_lr(small.optim, small.batch_size) == pytest.approx(0.015)
-    big = configs.recipe("finetune-384")
+    big = recipes.recipe("finetune-384")
     assert big.data.img_size == 384 and big.epochs == 30 and big.batch_size == 512
     assert scaled_lr(big.optim, big.batch_size) == pytest.approx(5e-6)
     assert big.optim.min_lr == 5e-6 and big.optim.weight_decay == 1e-8

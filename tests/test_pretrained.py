@@ -330,11 +330,11 @@ def test_a_384_model_is_evaluated_uncropped_by_every_command(
 
 
 def test_a_pretrained_name_is_a_teacher(official, deit_home):
-    from deit import configs
+    from deit import recipes
     from deit.run import resolve_teacher
 
     ref, _ = official
-    cfg = configs.digits()
+    cfg = recipes.digits()
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=NAME))
     teacher, folder = resolve_teacher(cfg, None, None, resume=False)
     assert folder == deit_home / "pretrained" / NAME / "official"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import deit
-from deit import configs, data, export, train
+from deit import configs, data, export, recipes, train
 from deit.augment import ErasingConfig, MixupConfig
 from deit.checkpoint import Checkpoints, abstract_like
 from deit.losses import LossConfig
@@ -16,7 +16,7 @@ from deit.teacher import Teacher, create_teacher
 
 
 def tiny_config(tmp_path, **kw) -> configs.TrainConfig:
-    base = configs.digits()
+    base = recipes.digits()
     return dataclasses.replace(
         base,
         model=configs.ModelConfig(name="deit_test_distilled_patch4_32"),
@@ -144,7 +144,7 @@ def test_bfloat16_training_keeps_float32_state_and_learns():
     batch = next(
         data.train_batches(
             train_src,
-            dataclasses.replace(configs.digits().data, img_size=16),
+            dataclasses.replace(recipes.digits().data, img_size=16),
             seed=0,
             global_batch=32,
         )

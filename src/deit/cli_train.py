@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from deit import configs
+from deit import configs, recipes
 from deit.configs import ConfigError, TrainConfig
 from deit.data import survey as data_survey
 from deit.errors import InputError
@@ -190,11 +190,11 @@ def _recipe_name(tokens: list[str], file_values: dict[str, Any] | None) -> str:
 
 
 def _base(name: str, tokens: list[str]) -> TrainConfig:
-    """The recipe `name`; `small` sized from the data given (`configs.small`)."""
+    """The recipe `name`; `small` sized from the data given (`recipes.small`)."""
     if name != "small":
-        return configs.recipe(name)
+        return recipes.recipe(name)
     found = _survey(_value(tokens, "--data.dataset") or "digits")
-    return configs.small(found) if found is not None else configs.small()
+    return recipes.small(found) if found is not None else recipes.small()
 
 
 def _size_text(found: data_survey.DataSurvey) -> str:
@@ -209,7 +209,7 @@ def _size_text(found: data_survey.DataSurvey) -> str:
 def recipe_reason(argv: list[str]) -> str:
     """Why `deit train ARGV` starts from the recipe it does (`_recipe_name`), for the header."""
     tokens = _canonical(argv)
-    others = "--recipe " + "|".join(configs.RECIPES)
+    others = "--recipe " + "|".join(recipes.RECIPES)
     if _value(tokens, "--recipe"):
         return "given by --recipe"
     if "--resume" in tokens:

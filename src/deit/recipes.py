@@ -1,0 +1,270 @@
+"""The named recipes: each a whole `configs.TrainConfig` that says what it reproduces, with the
+command and the accuracy to expect in its docstring. `deit train --recipe NAME` starts from one
+(`cli_train` picks a default from the data), then a config file and flags change single fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from deit import budget as budget_lib
+from deit.augment import ErasingConfig, MixupConfig
+from deit.configs import ConfigError, ModelConfig, TeacherConfig, TrainConfig
+from deit.configs import from_dict as _from_dict
+from deit.data import DataConfig
+from deit.data.survey import DIGITS, SMALL_SIDE, DataSurvey
+from deit.losses import LossConfig
+from deit.optim import EmaConfig, OptimConfig
+from deit.variants import get_spec
+
+
+def imagenet() -> TrainConfig:
+    """The paper's ImageNet-1k recipe (DeiT §6, Table 9; official `main.py` defaults), distilled
+    from a CNN with hard distillation: DeiT-Ti 74.5 / S 81.2 / B 83.4 top-1 with a RegNetY-16GF
+    teacher (`teacher.path` must then be a converted RegNetY or any exported model).
+
+        deit train --recipe imagenet --data /data/imagenet --teacher /ckpt/regnety_160
+    """
+    return TrainConfig(recipe="imagenet", data=DataConfig(img_size=224))
+
+
+def digits() -> TrainConfig:
+    """The built-in set (scikit-learn's 8x8 digits upscaled to 16x16): what `deit train` runs.
+
+        deit train            # = deit train --recipe digits --output runs/digits
+
+    A small DeiT (`deit_digits_distilled_patch4_16`: 96 wide, 4 blocks, one token per 2x2
+    original pixels) hard-distilled from a ResNet-8 teacher that the same command trains first
+    (30 epochs, ~97-98% top-1). Changes to the paper's recipe, sized for 1,437 tiny grey images
+    on 2 CPU cores: no horizontal flip (digits are not mirror symmetric); crops of 35-100% of the
+    area; RandAugment at magnitude 5 instead of 9 (at 9 rotations and shears turn some 8x8 digits
+    into others); no repeated augmentation (it thins an already small epoch); mixup/cutmix on 30%
+    of the batches; random erasing p 0.1; batch 128 at lr 2e-3 (a fixed lr: the /512 scaling rule
+    gives a ViT far too small a step on 11 steps per epoch); 90 epochs, 3 warm-up; a constant EMA
+    decay of 0.99 (a window of ~100 of the run's 990 steps; the reference 0.99996 would average
+    over 25x more steps than the run has). Expect ~97% top-1 for the averaged heads in under 5
+    minutes on 2 cores (see the README).
+    """
+    data = DataConfig(
+        dataset="digits",
+        img_size=16,
+        scale=(0.35, 1.0),
+        hflip=0.0,
+        randaugment="rand-m5-mstd0.5-inc1",
+        crop_pct=1.0,
+        repeats=1,
+        workers=0,  # 16x16 crops of in-memory arrays: a worker's start-up costs more than it saves
+    )
+    return TrainConfig(
+        recipe="digits",
+        model=ModelConfig(name="deit_digits_distilled_patch4_16", drop_path_rate=0.05),
+        batch_size=128,
+        output="runs/digits",
+        loss=LossConfig(distillation="hard"),
+        data=data,
+        optim=OptimConfig(lr=2e-3, warmup_epochs=3, epochs=90, min_lr=1e-5),
+        ema=EmaConfig(decay=0.99),
+        mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.3),
+        erasing=ErasingConfig(prob=0.1),
+        teacher=TeacherConfig(
+            arch="resnet8",
+            optim=OptimConfig(lr=1e-2, warmup_epochs=1, epochs=30, weight_decay=0.05),
+            ema=EmaConfig(enabled=False),
+            mixup=MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0),
+        ),
+        log_every=10,
+        checkpoint_every=200,
+    )
+
+
+# The `small` recipe's sizing. Epochs are set by the time budget (SMALL_BUDGET by default) from
+# each phase's measured first epoch; the epochs below are only their ceilings, and what a run
+# without a budget (`--time-budget None`) trains. SMALL_RATE (student images/s at 16 px on 2
+# CPU cores, teacher included) scaled by the model's work per image estimates the steps a
+# budget buys, for the EMA window and the log interval.
+SMALL_BUDGET = "15m"
+SMALL_RATE = 600.0
+SMALL_EPOCHS = (10, 300)  # ceiling of the student's epochs: 10-300
+SMALL_TEACHER_EPOCHS = 150  # ceiling of the teacher's
+SMALL_MAX_BATCH = 128
+TINY_MODEL, TINY_PATCH, TINY_SIDES = "deit_digits_distilled_patch4_16", 4, (16, 20)
+MINI_MODEL, MINI_PATCH, MINI_SIDES = "deit_digits_distilled_patch8_32", 8, (24, 64)
+LARGE_MODEL, LARGE_PATCH, LARGE_SIDES = "deit_tiny_distilled_patch16_224", 16, (112, 224)
+
+
+def _work(embed_dim: int, depth: int, tokens: int) -> float:
+    return embed_dim**2 * depth * tokens
+
+
+def small_batch(train_images: int) -> int:
+    """The largest power of two up to 1/32 of the training images (at least 32 steps per epoch:
+    a few thousand images need steps more than wide batches), but not below a quarter of a
+    tiny set's 16, and at most `SMALL_MAX_BATCH`."""
+    n = max(1, train_images)
+    want = max(n // 32, min(16, n // 4), 1)
+    return min(SMALL_MAX_BATCH, 2 ** int(math.log2(want)))
+
+
+def small(survey: DataSurvey = DIGITS) -> TrainConfig:
+    """A folder of few or small images (`deit train --data FOLDER` picks it below 10,000
+    training images or a shorter side below 112 px): everything chosen from `survey`
+    (`data.survey`: image count, side, channels, class balance), within a time budget of 15
+    minutes for the teacher and the student together.
+
+        deit train --data /data/my_small_set      # = --recipe small --time-budget 15m
+
+    - Model and image size: the images' median shorter side rounded to the patch: the digits
+      student (96 wide, 4 blocks) with patches of 4 within 16-20 px for sides below 22 px, with
+      patches of 8 within 24-64 px up to 111 px (a 28-px image at 32 is 16 tokens), else
+      DeiT-Ti with patches of 16 within 112-224 px: the patch grid always divides the image.
+    - Batch (`small_batch`): a power of two near 1/32 of the training images, at most 128; a
+      fixed lr of 2e-3 x sqrt(batch / 128) (Adam's square-root rule from the digits recipe's
+      2e-3 at 128), 2 warm-up epochs.
+    - Epochs: sized by `time_budget` (15m) after each phase's first epoch (`deit.budget`):
+      the ResNet-8 teacher gets up to a third and stops earlier once its validation top-1
+      levels off; the student the rest. A constant EMA decay with a window of about a tenth of
+      the steps the budget buys.
+    - Augmentation, light for small images (a few minutes of training on a few thousand images
+      underfits long before it overfits): crops of 60-100% of the area, RandAugment magnitude
+      3, mixup/cutmix on 10% of the batches, no random erasing, no stochastic depth, no
+      repeated augmentation; horizontal flips only for colour images (a grey folder is most
+      often characters or symbols, which a mirror changes); evaluation on the whole image
+      below 112 px.
+
+    Measured with `bench/small_suite.py` on one core of an AMD EPYC (`taskset -c 1`, 10m
+    budget; `bench/results/small_suite.md`, README "Your own folder"); fitted on digits28 alone:
+
+        set                       teacher  student (avg heads)  epochs t / s  time
+        digits28 (28 px grey)     99.3%    96.9%                19 / 51       11.0 min
+        shapes40c (held out)      75.0%    79.8% (class head 84.0%)  17 / 67  11.1 min
+
+    On shapes40c the teacher's third of the budget was too short (an epoch of the ResNet-8 at
+    40 px costs twice the student's): the run warned that it was weak and still improving.
+    """
+    tiny = survey.side < SMALL_SIDE
+    name, patch, (lo, hi) = (
+        (LARGE_MODEL, LARGE_PATCH, LARGE_SIDES)
+        if not tiny
+        else (MINI_MODEL, MINI_PATCH, MINI_SIDES)
+        if survey.side >= 22
+        else (TINY_MODEL, TINY_PATCH, TINY_SIDES)
+    )
+    img = min(hi, max(lo, patch * round(survey.side / patch)))
+    spec = get_spec(name)
+    tokens = (img // patch) ** 2 + 2
+    rate = SMALL_RATE * _work(96, 4, 18) / _work(spec.embed_dim, spec.depth, tokens)
+    n = max(1, survey.train_images)
+    batch = small_batch(n)
+    _, student_seconds = budget_lib.split(budget_lib.parse_duration(SMALL_BUDGET))
+    expected = min(SMALL_EPOCHS[1], max(SMALL_EPOCHS[0], round(student_seconds * rate / n)))
+    steps = expected * max(1, n // batch)
+    base = digits()
+    data = replace(
+        base.data,
+        dataset=survey.dataset,
+        img_size=img,
+        scale=(0.6, 1.0) if tiny else (0.35, 1.0),
+        randaugment="rand-m3-mstd0.5-inc1" if tiny else base.data.randaugment,
+        hflip=0.0 if survey.channels == 1 else 0.5,
+        crop_pct=1.0 if tiny else 0.875,
+        workers=0 if survey.dataset == "digits" else None,
+    )
+    lr = 2e-3 * math.sqrt(batch / 128)
+    return replace(
+        base,
+        recipe="small",
+        output="runs/small",
+        time_budget=SMALL_BUDGET,
+        model=ModelConfig(name=name, drop_path_rate=0.0 if tiny else 0.1),
+        batch_size=batch,
+        data=data,
+        optim=OptimConfig(lr=lr, warmup_epochs=2, epochs=SMALL_EPOCHS[1]),
+        ema=EmaConfig(decay=min(0.9999, max(0.9, 1 - 10 / steps))),
+        mixup=replace(base.mixup, prob=0.1 if tiny else base.mixup.prob),
+        erasing=ErasingConfig(prob=0.0 if tiny else base.erasing.prob),
+        teacher=replace(
+            base.teacher,
+            optim=replace(
+                base.teacher.optim,
+                lr=1e-2 * math.sqrt(batch / 128),
+                epochs=SMALL_TEACHER_EPOCHS,
+            ),
+        ),
+        log_every=max(1, min(50, steps // 20)),
+    )
+
+
+def finetune() -> TrainConfig:
+    """Transfer of a pretrained model to a small data set (`deit train --finetune CKPT`): the
+    maintainers' settings for CIFAR-10 and Stanford Cars (facebookresearch/deit issue #45). SGD
+    (momentum 0.9), lr 0.01 scaled by the official rule `x global batch / 512` (0.015 at the
+    batch of 768), weight decay 1e-4, 1000 epochs, images at 224 (or 384: the patch size stays),
+    no random erasing, no stochastic depth; the rest as on ImageNet (RandAugment, mixup/cutmix,
+    label smoothing, repeated augmentation, 5 warm-up epochs). The paper (Table 7) reports 99.1
+    top-1 on CIFAR-10 and 90.8 on CIFAR-100 for DeiT-B transferred this way.
+
+        deit train --finetune deit_base_224/ --data /data/cifar10 --img-size 224
+
+    The network and its normalisation come from the checkpoint; heads are re-initialised when
+    the class count differs. For a distilled model the maintainers advise keeping the
+    distillation signal: add `--distillation hard --teacher DIR` (a teacher for the new classes).
+    """
+    return TrainConfig(
+        recipe="finetune",
+        batch_size=768,
+        output="runs/finetune",
+        loss=LossConfig(distillation="none"),
+        model=ModelConfig(drop_path_rate=0.0),
+        data=DataConfig(img_size=224),
+        optim=OptimConfig(opt="sgd", base_lr=0.01, weight_decay=1e-4, epochs=1000),
+        erasing=ErasingConfig(prob=0.0),
+    )
+
+
+def finetune_384() -> TrainConfig:
+    """ImageNet fine-tuning at 384 of a model trained at 224 (official README: DeiT-B 81.8 ->
+    82.9 top-1). Its command, `--finetune ... --input-size 384 --batch-size 32 --nodes 2 --lr 5e-6
+    --weight-decay 1e-8 --epochs 30 --min-lr 5e-6`, runs 32 images on each of 2 x 8 GPUs: a
+    global batch of 512, at which the official scaling `lr x batch / 512` leaves 5e-6; with min
+    lr 5e-6 the lr is constant after the 5 warm-up epochs. The rest is the ImageNet recipe, without
+    distillation as in that command (add `--distillation hard --teacher DIR` to keep it). Eval
+    uses the whole 384 image (crop 1.0), as timm's 384 models do.
+
+        deit train --recipe finetune-384 --finetune deit_base_224/ --data /data/imagenet
+    """
+    base = imagenet()
+    return replace(
+        base,
+        recipe="finetune-384",
+        model=replace(base.model, name="deit_base_patch16_384"),
+        batch_size=512,
+        output="runs/finetune-384",
+        loss=LossConfig(distillation="none"),
+        data=replace(base.data, img_size=384, crop_pct=1.0),
+        optim=replace(base.optim, base_lr=5e-6, weight_decay=1e-8, min_lr=5e-6, epochs=30),
+    )
+
+
+RECIPES = {
+    "digits": digits,
+    "small": small,
+    "imagenet": imagenet,
+    "finetune": finetune,
+    "finetune-384": finetune_384,
+}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ConfigError(None, f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]()
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """`configs.from_dict` with `base` defaulting to the recipe named in `values` (else
+    imagenet): a partial tree, or a run's config.json, filled in as that recipe would."""
+    if base is None:
+        base = recipe(values.get("recipe", "imagenet"))
+    return _from_dict(values, base)
