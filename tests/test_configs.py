@@ -4,6 +4,7 @@ choices from a folder's survey (`recipes.small`, issue 25)."""
 import dataclasses
 
 import pytest
+import yaml
 
 from deit import configs, recipes, variants
 from deit.data.survey import DataSurvey
@@ -98,3 +99,30 @@ def test_the_survey_describes_what_chose_the_recipe():
 def test_the_model_and_size_follow_the_side(side, model, size):
     cfg = recipes.small(survey(side=side))
     assert (cfg.model.name, cfg.data.img_size) == (model, size)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_a_printed_config_read_back_prints_identically(name, suffix, tmp_path, capsys):
+    """`deit train --print-config > c.yaml; deit train --config c.yaml` (issue 26): YAML 1.1
+    reads the printed `1e-08` as a string, and JSON's `1` must not come back as `1.0`."""
+    from deit import cli
+
+    assert cli.main(["train", "--recipe", name, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / f"c{suffix}"
+    path.write_text(printed)
+    assert cli.main(["train", "--config", str(path), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_scientific_notation_is_a_number_wherever_the_field_is_a_float():
+    values = yaml.safe_load("optim: {eps: 1e-08, base_lr: 5e-4, warmup_epochs: 1}")
+    assert values["optim"]["eps"] == "1e-08"  # what YAML 1.1 gives: the reason for the fix
+    cfg = recipes.from_dict({"recipe": "digits", **values})
+    assert cfg.optim.eps == 1e-8 and cfg.optim.base_lr == 5e-4
+    assert cfg.optim.warmup_epochs == 1 and isinstance(cfg.optim.warmup_epochs, int)
+    with pytest.raises(configs.ConfigError, match=r"optim\.eps 'small'; expected float"):
+        recipes.from_dict({"optim": {"eps": "small"}})
+    # A string field keeps its text, number-like or not.
+    assert recipes.from_dict({"output": "1e3"}).output == "1e3"

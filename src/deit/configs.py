@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from deit.optim import EmaConfig, OptimConfig
 from deit.parallel import ParallelConfig
 
 VERSION = 1  # of the config.json layout
+# A decimal number as text, scientific notation included (`1e-08`, `5e-4`, `-0.5`, `.25E+2`).
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 class ConfigError(InputError):
@@ -179,8 +182,14 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(key, f"{value!r}; expected {len(args)} values")
         return tuple(_convert(v, a, key) for v, a in zip(value, args, strict=True))
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if hint is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads `1e-08` and `5e-4` as strings (its floats need a dot), yet
+        # they are what `--print-config` prints and how people write a learning rate.
         return float(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        # An int stays an int: a recipe's `warmup_epochs=1` prints as 1, and a printed config
+        # read back must print the same (float(1) would print 1.0).
+        return value
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(key, f"{value!r}; expected {getattr(hint, '__name__', hint)}")
