@@ -36,12 +36,13 @@ from study_stats import cell, mean_std, paired_cell, paired_t
 
 from deit import data as data_lib
 from deit import export, pretrained, recipes
+from deit.checkpoint import saved_progress
 from deit.configs import TrainConfig
 from deit.data import survey as data_survey
 from deit.losses import LossConfig
 from deit.model import forward_with_attention
 from deit.progress import duration
-from deit.run import resolve_teacher, saved_progress, train_and_evaluate
+from deit.run import resolve_teacher, train_and_evaluate
 from deit.visualize import token_similarity
 
 HERE = Path(__file__).parent

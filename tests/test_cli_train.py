@@ -247,7 +247,7 @@ def _folder(root, per_class, size, classes=("cat", "dog")):
 
 
 def test_a_small_folder_gets_the_small_recipe_sized_from_its_images(tmp_path, capsys):
-    from deit import data, run
+    from deit import data, report
     from deit.model import create_model
 
     root = _folder(tmp_path / "small", per_class=20, size=(28, 28))  # 40 train images
@@ -263,7 +263,7 @@ def test_a_small_folder_gets_the_small_recipe_sized_from_its_images(tmp_path, ca
     train, val = data.load_sources(cfg.data)
     student = create_model(cfg.model.name, num_classes=2, img_size=cfg.data.img_size)
     capsys.readouterr()
-    run.announce(cfg, student, train, val, why=why)
+    report.announce(cfg, student, train, val, why=why)
     header = capsys.readouterr().err
     assert f"recipe     small ({why})" in header and "at 32x32" in header
 

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from deit import diskspace
+from deit import diskspace, runlock
 from deit.errors import InputError
 
 log = logging.getLogger("deit")
@@ -300,3 +300,55 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
         out["/".join(parts)] = tuple(getattr(leaf, "shape", ()))
     return out
+
+
+# ----------------------------------------------------------------------------- resume inspection
+
+# `export.CONFIG`, written out: export imports this module (`layout_mismatch`), so this one
+# cannot import it; a run's `final/` (or its teacher's) holds it once the run has finished.
+_EXPORTED = "config.json"
+
+
+def finished_steps(folder: Path) -> list[int]:
+    """Finished Orbax checkpoints in `folder` (a step folder is renamed to its bare number only
+    once it is complete)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def saved_progress(output: str | Path) -> str | None:
+    """What `deit train --resume --output OUTPUT` would continue from, in words, or None when
+    nothing there can be resumed (no checkpoint of the student or the teacher, no finished
+    teacher or run)."""
+    out = Path(output).absolute()
+    if (out / "final" / _EXPORTED).is_file():
+        return f"a finished run ({out / 'final'})"
+    if steps := finished_steps(out / "checkpoints"):
+        return f"the student's checkpoint at step {steps[-1]}"
+    if (out / "teacher" / "final" / _EXPORTED).is_file():
+        return "the trained teacher (the student starts)"
+    if steps := finished_steps(out / "teacher" / "checkpoints"):
+        return f"the teacher's checkpoint at step {steps[-1]}"
+    return None
+
+
+def check_resumable(output: str | Path) -> str:
+    """`saved_progress`, or an InputError naming the folder and what it holds: a resume never
+    silently starts a fresh run (a mistyped output folder would go unnoticed)."""
+    out = Path(output).absolute()
+    found = saved_progress(out)
+    if found is not None:
+        return found
+    if not out.is_dir():
+        held = "it does not exist"
+    else:
+        names = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != runlock.LOCK
+        )
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        held = f"it holds {shown}" if names else "it is empty"
+    raise InputError(
+        f"nothing to resume in {out}: no checkpoint of a run ({held}); expected the output "
+        "folder of a stopped run, or start a new run without resume"
+    )

@@ -23,25 +23,6 @@ from typing import Any
 from deit.errors import InputError, NoSpaceError
 
 
-def _table(summary: dict) -> str:
-    rows = []
-    if "teacher" in summary:
-        rows.append(("teacher", summary["teacher"]))
-    val = summary["val"]
-    for head, name in (
-        ("cls", "class head"),
-        ("dist", "distillation head"),
-        ("avg", "averaged heads"),
-    ):
-        if head in val and not (head == "avg" and "dist" not in val):
-            rows.append((name, val[head]))
-    if "val_ema" in summary:
-        rows.append(("averaged heads (EMA)", summary["val_ema"]["avg"]))
-    lines = [f"{'':24} {'top-1':>7} {'top-5':>7}"]
-    lines += [f"{name:24} {m['top1']:7.2f} {m['top5']:7.2f}" for name, m in rows]
-    return "\n".join(lines)
-
-
 def cmd_train(argv: list[str]) -> None:
     from deit import cli_train, parallel
 
@@ -65,6 +46,7 @@ def cmd_train(argv: list[str]) -> None:
 
     use_compile_cache(cache_home() / "jax-cache", cmd.compile_cache)
     from deit.budget import process_age
+    from deit.report import results_table
     from deit.run import finetune, train_and_evaluate
     from deit.signals import Interrupted
 
@@ -100,12 +82,13 @@ def cmd_train(argv: list[str]) -> None:
     import jax
 
     if jax.process_index() == 0:
-        print(_table(summary))
+        print(results_table(summary))
         print(f"results: {Path(cfg.output).absolute() / 'results.json'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from deit.evaluate import evaluate_checkpoint
+    from deit.report import results_table
 
     checkpoint = _checkpoint(args)
     if checkpoint is None:
@@ -114,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         checkpoint, args.data, args.batch_size, args.workers, args.bad_images, args.per_class
     )
     per_class = results.pop("per_class", None)
-    print(_table({"val": results}))
+    print(results_table({"val": results}))
     if per_class is not None:
         width = max(len(row["name"]) for row in per_class)
         print(f"\n{'class':>5}  {'name':<{width}}  {'top-1':>7}  {'images':>6}")

@@ -13,31 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from deit import budget as budget_lib
-from deit import configs, export, parallel, pretrained, progress, runlock
+from deit import checkpoint, configs, export, parallel, pretrained, progress, report
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
 from deit.evaluate import make_teacher_eval_step, run_eval
 from deit.losses import LossConfig
-from deit.model import DeiT, adapt_params, create_model, param_count
-from deit.optim import REFERENCE_BATCH, OptimConfig, scaled_lr
+from deit.model import DeiT, adapt_params, create_model
 from deit.runlock import RunLock
 from deit.signals import Interrupted, StopSignals
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.train import fit
-from deit.variants import VARIANTS
+from deit.variants import variant_at
 
 log = logging.getLogger("deit")
-# A peak lr below this barely moves a network in the epochs a run has (the issue's 40-image
-# folder at batch 16 scaled the recipe's 5e-4 down to 1.6e-5 and stayed at chance).
-LOW_LR = 1e-5
-# A teacher below this top-1 that was still rising when its share of the budget ended is
-# likely worse than the student would be alone (issue 25: a 73% teacher, still climbing, left
-# its student at 34%): the run says so before the student starts.
-WEAK_TEACHER = 90.0
 
 
 def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
@@ -90,210 +81,8 @@ def resolve_teacher(
         tick = time.perf_counter()
         results = fit(model, tcfg, train_src, val_src, resume=again, title="teacher", budget=budget)
         if jax.process_index() == 0:
-            report_teacher(results, time.perf_counter() - tick, cfg.progress)
+            report.report_teacher(results, time.perf_counter() - tick, cfg.progress)
     return pretrained.open_model(final).as_teacher(), final
-
-
-def teacher_words(results: dict[str, Any], seconds: float) -> tuple[str, str | None]:
-    """What the teacher phase ended with, and a warning when the teacher looks weak: below
-    `WEAK_TEACHER` top-1 and still rising when it stopped (its best at its last evaluation)."""
-    top1 = results["val"]["avg"]["top1"]
-    best = results["best"]
-    epochs = results.get("epochs", best["epoch"] + 1)
-    why = "its validation top-1 levelled off" if results.get("stopped_early") else "its epochs ran"
-    line = (
-        f"teacher: {top1:.1f}% top-1 on validation after {epochs} epoch(s) in "
-        f"{progress.duration(seconds)} ({why}; best {best['top1']:.1f}% after epoch "
-        f"{best['epoch'] + 1})"
-    )
-    rising = not results.get("stopped_early") and best["epoch"] + 1 >= epochs
-    warning = None
-    if top1 < WEAK_TEACHER and rising:
-        warning = (
-            f"warning: the teacher reached only {top1:.1f}% and was still improving when it "
-            "stopped: hard distillation pulls the student's distillation head toward its "
-            "mistakes, and a fresh student may do better alone. Give a longer --time-budget (or "
-            "--teacher-epochs), a trained --teacher, or --distillation none"
-        )
-    elif top1 < WEAK_TEACHER:
-        warning = (
-            f"warning: the teacher reached only {top1:.1f}% top-1: the student's distillation "
-            "head learns its mistakes; a stronger --teacher, or --distillation none, may do better"
-        )
-    return line, warning
-
-
-def report_teacher(results: dict[str, Any], seconds: float, mode: progress.Mode) -> None:
-    """The teacher's accuracy, said before the student starts (`teacher_words`)."""
-    line, warning = teacher_words(results, seconds)
-    progress.say(line, mode)
-    if warning:
-        log.warning(warning)
-
-
-def _steps(folder: Path) -> list[int]:
-    """Finished Orbax checkpoints in `folder` (a step folder is renamed to its bare number only
-    once it is complete)."""
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-
-
-def saved_progress(output: str | Path) -> str | None:
-    """What `deit train --resume --output OUTPUT` would continue from, in words, or None when
-    nothing there can be resumed (no checkpoint of the student or the teacher, no finished
-    teacher or run)."""
-    out = Path(output).absolute()
-    if (out / "final" / export.CONFIG).is_file():
-        return f"a finished run ({out / 'final'})"
-    if steps := _steps(out / "checkpoints"):
-        return f"the student's checkpoint at step {steps[-1]}"
-    if (out / "teacher" / "final" / export.CONFIG).is_file():
-        return "the trained teacher (the student starts)"
-    if steps := _steps(out / "teacher" / "checkpoints"):
-        return f"the teacher's checkpoint at step {steps[-1]}"
-    return None
-
-
-def check_resumable(output: str | Path) -> str:
-    """`saved_progress`, or an InputError naming the folder and what it holds: a resume never
-    silently starts a fresh run (a mistyped output folder would go unnoticed)."""
-    out = Path(output).absolute()
-    found = saved_progress(out)
-    if found is not None:
-        return found
-    if not out.is_dir():
-        held = "it does not exist"
-    else:
-        names = sorted(
-            p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != runlock.LOCK
-        )
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        held = f"it holds {shown}" if names else "it is empty"
-    raise InputError(
-        f"nothing to resume in {out}: no checkpoint of a run ({held}); expected the output "
-        "folder of a stopped run, or start a new run without resume"
-    )
-
-
-def _teacher_plan(cfg: TrainConfig, out: Path) -> str:
-    if cfg.loss.distillation == "none":
-        return "none (no distillation)"
-    if cfg.teacher.path is not None:
-        return f"loaded from {cfg.teacher.path}"
-    final = out / "teacher" / "final"
-    if (final / export.CONFIG).is_file():
-        return f"{cfg.teacher.arch}, reused from {final}"
-    steps = _steps(out / "teacher" / "checkpoints")
-    again = f", continuing from its step {steps[-1]}" if steps else ""
-    upto = "up to " if cfg.time_budget else ""
-    return (
-        f"{cfg.teacher.arch}, trained first for {upto}{cfg.teacher.optim.epochs} epoch(s) into "
-        f"{out / 'teacher'}{again}"
-    )
-
-
-def budget_text(cfg: TrainConfig) -> str:
-    """How `cfg.time_budget` is split, for the header."""
-    total = budget_lib.parse_duration(cfg.time_budget or "0s")
-    share = budget_lib.teacher_budget(total, cfg.teacher.optim.epochs)
-    d = progress.duration
-    teacher = (
-        f"the teacher {d(share.seconds)}, or up to {d(share.max_seconds or 0)} if its first "
-        f"{share.min_epochs} epochs need it (it stops earlier once its validation top-1 "
-        "levels off), "
-        if cfg.loss.distillation != "none" and cfg.teacher.path is None
-        else ""
-    )
-    return (
-        f"{d(total)} (time_budget) from launch: {teacher}the student the rest; each phase's "
-        f"epochs (at most {cfg.teacher.optim.epochs} / {cfg.epochs}) are sized from its first "
-        "epoch's measured time"
-    )
-
-
-def _lr_text(optim: OptimConfig, batch: int) -> str:
-    lr = scaled_lr(optim, batch)
-    if optim.lr is not None:
-        return f"lr {lr:.3g} (optim.lr)"
-    return f"lr {lr:.3g} (optim.base_lr {optim.base_lr:g} x {batch} / {REFERENCE_BATCH})"
-
-
-def _precision_text(dtype: str, platform: str) -> str:
-    default = "bfloat16" if platform == "gpu" else "float32"
-    why = f" (the {platform} default; --dtype to change)" if dtype == default else ""
-    return f"{dtype} compute{why}, float32 parameters"
-
-
-def announce(
-    cfg: TrainConfig,
-    student: Any,
-    train_src: data_lib.RecordSource,
-    val_src: data_lib.RecordSource,
-    *,
-    why: str | None = None,
-) -> None:
-    """The run's plan on stderr before any work (`progress.header`), and warnings for settings
-    that make a run that cannot learn (an lr scaled too low, a teacher longer than the student).
-    A batch larger than the training set is an InputError naming the batch that fits."""
-    out = Path(cfg.output).absolute()
-    mesh = parallel.make_mesh()
-    batch, devices = cfg.batch_size, mesh.devices.size
-    if batch > len(train_src):
-        raise InputError(
-            f"batch_size {batch} is larger than the {len(train_src)} training images of "
-            f"{cfg.data.dataset}; expected batch_size "
-            f"{parallel.fitting_batch(len(train_src), mesh)} or less"
-        )
-    size = cfg.data.img_size
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    count = param_count(jax.eval_shape(student.init, jax.random.PRNGKey(0), x)["params"])
-    kind = jax.devices()[0].platform
-    rows = [
-        ("recipe", f"{cfg.recipe}" + (f" ({why})" if why else "")),
-        ("model", f"{cfg.model.name}, {count:,} parameters"),
-        (
-            "data",
-            f"{cfg.data.dataset}: {len(train_src.classes)} classes, {len(train_src):,} train / "
-            f"{len(val_src):,} val images at {size}x{size}",
-        ),
-        ("teacher", _teacher_plan(cfg, out)),
-        *([("budget", budget_text(cfg))] if cfg.time_budget else []),
-        (
-            "batch",
-            f"{batch} global ({batch // devices} per device), {len(train_src) // batch} steps "
-            f"per epoch, {'up to ' if cfg.time_budget else ''}{cfg.epochs} epochs; "
-            f"{_lr_text(cfg.optim, batch)}",
-        ),
-        ("precision", _precision_text(cfg.model.dtype, kind)),
-        ("devices", f"{devices} {kind} device(s), {jax.process_count()} process(es)"),
-        ("output", str(out)),
-    ]
-    if jax.process_index() == 0:
-        progress.say(f"training {cfg.model.name} on {cfg.data.dataset}:", cfg.progress)
-        progress.header(rows, cfg.progress)
-    trains_teacher = (
-        cfg.loss.distillation != "none"
-        and cfg.teacher.path is None
-        and not (out / "teacher" / "final" / export.CONFIG).is_file()
-    )
-    lrs = [("optim", cfg.optim)] + (
-        [("teacher.optim", cfg.teacher.optim)] if trains_teacher else []
-    )
-    for name, optim in lrs:
-        lr = scaled_lr(optim, batch)
-        if optim.lr is None and lr < LOW_LR:
-            log.warning(
-                f"warning: the lr scales to {lr:.2g} ({name}.base_lr {optim.base_lr:g} x batch "
-                f"{batch} / {REFERENCE_BATCH}), below {LOW_LR:g}: training will barely move; "
-                f"set {name}.lr (an absolute lr) or a larger {name}.base_lr"
-            )
-    if trains_teacher and cfg.teacher.optim.epochs > cfg.epochs:
-        log.warning(
-            f"warning: the teacher trains first for {cfg.teacher.optim.epochs} epochs, longer "
-            f"than the student's {cfg.epochs}; set teacher.optim.epochs, give a trained "
-            "teacher.path, or loss.distillation none"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,19 +117,19 @@ def train_and_evaluate(
     cfg = configs.resolve_dtype(cfg, jax.default_backend())
     out = Path(cfg.output).absolute()
     if resume and not out.is_dir():
-        check_resumable(out)  # said before the lock would create the folder
+        checkpoint.check_resumable(out)  # said before the lock would create the folder
     # Process 0 writes the folder's files: before it writes any, no other live run may hold it.
     with (
         RunLock(out) if jax.process_index() == 0 else contextlib.nullcontext(),
         StopSignals(),
     ):
         if resume:  # under the lock: a live run in the folder is named first
-            check_resumable(out)
+            checkpoint.check_resumable(out)
         try:
             return _train_and_evaluate(cfg, out, resume, pretrained, why, started)
         except Interrupted as stop:
             stop.run_output = out
-            saved = saved_progress(out) is not None
+            saved = checkpoint.saved_progress(out) is not None
             stop.resume = f"deit train --resume --output {out}" if saved else None
             raise
 
@@ -380,7 +169,7 @@ def _train_and_evaluate(
             capture=False,
         )
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
-    announce(cfg, student, train_src, val_src, why=why)
+    report.announce(cfg, student, train_src, val_src, why=why)
     total = budget_lib.parse_duration(cfg.time_budget) if cfg.time_budget and not resume else None
     spent = lambda: time.perf_counter() - launched
     teacher, teacher_path, teacher_val = None, None, None
@@ -448,20 +237,6 @@ def _train_and_evaluate(
     return summary
 
 
-def _variant_at(name: str | None, img_size: int) -> str:
-    """The registered name of variant `name` at `img_size` (base 224 -> base 384), if any."""
-    spec = VARIANTS.get(name or "")
-    if spec is None:
-        return name or "DeiT"
-    keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "distilled")
-    same = [
-        n
-        for n, s in VARIANTS.items()
-        if s.img_size == img_size and all(getattr(s, k) == getattr(spec, k) for k in keys)
-    ]
-    return same[0] if same else name
-
-
 def finetune(
     cfg: TrainConfig,
     checkpoint: str | Path,
@@ -487,7 +262,7 @@ def finetune(
         cfg,
         finetune=str(checkpoint),
         model=dataclasses.replace(
-            cfg.model, name=_variant_at(opened.config.get("variant"), cfg.data.img_size)
+            cfg.model, name=variant_at(opened.config.get("variant"), cfg.data.img_size)
         ),
         data=dataclasses.replace(cfg.data, mean=prep.mean, std=prep.std),
     )

@@ -103,6 +103,20 @@ def get_spec(name: str) -> ModelSpec:
     return VARIANTS[resolve_name(name)]
 
 
+def variant_at(name: str | None, img_size: int) -> str:
+    """The registered name of variant `name` at `img_size` (base 224 -> base 384), if any."""
+    spec = VARIANTS.get(name or "")
+    if spec is None:
+        return name or "DeiT"
+    keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "distilled")
+    same = [
+        n
+        for n, s in VARIANTS.items()
+        if s.img_size == img_size and all(getattr(s, k) == getattr(spec, k) for k in keys)
+    ]
+    return same[0] if same else name
+
+
 def model_size(model: Any) -> int | None:
     """A DeiT's input side; None for a model without a fixed size (a ResNet)."""
     size = getattr(model, "img_size", None)

@@ -29,6 +29,7 @@ from deit.errors import InputError
 from deit.layers import LN_EPS
 from deit.model import DeiT, forward_with_attention
 from deit.pretrained import open_model
+from deit.report import results_rows
 from deit.transforms import decode_image
 
 # DeiT §4 ("Distillation token"), DeiT-B on ImageNet: cosine of the learned CLS and DIST tokens,
@@ -84,19 +85,6 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else run / "curves.png"
     fig.savefig(path, dpi=100)
     return path
-
-
-def results_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """`(row name, {"top1", "top5", ...})` of a run's `results.json`, teacher first."""
-    rows = [("teacher", summary["teacher"])] if "teacher" in summary else []
-    names = {"cls": "class head", "dist": "distillation head", "avg": "averaged heads"}
-    for split, suffix in (("val", ""), ("val_ema", " (EMA)")):
-        heads = summary.get(split, {})
-        for head, name in names.items():
-            # A plain model's "avg" is its class head again: shown once.
-            if head in heads and not (head == "avg" and "dist" not in heads):
-                rows.append((name + suffix, heads[head]))
-    return rows
 
 
 def plot_results(run: str | Path, out: str | Path | None = None) -> Path:
