@@ -146,17 +146,44 @@ def make_teacher_eval_step(
 # ----------------------------------------------------------------------------- whole passes
 
 
-def run_eval(
-    step_fn: Callable[[dict[str, jax.Array]], dict],
+class SetSums:
+    """The per-head sums of one model's weight sets (`{"val": params, "val_ema": ema_params}`)
+    over the batches of one evaluation: `train.fit` adds each validation batch of its stream,
+    `run_eval_sets` a whole source; both end in `result`."""
+
+    def __init__(
+        self,
+        eval_step: Callable[[Any, Any, dict[str, jax.Array]], dict],
+        weights: dict[str, Any],
+        batch_stats: Any,
+    ) -> None:
+        self.eval_step, self.weights, self.batch_stats = eval_step, weights, batch_stats
+        self.totals: dict[str, dict[str, dict[str, float]]] = {}
+        self.batches = 0
+
+    def add(self, batch: dict[str, jax.Array]) -> None:
+        """One device batch (`parallel.put_batch`) through every weight set."""
+        for split, params in self.weights.items():
+            accumulate(
+                self.totals.setdefault(split, {}), self.eval_step(params, self.batch_stats, batch)
+            )
+        self.batches += 1
+
+    def result(self) -> dict[str, dict[str, dict[str, float]]]:
+        """`{split: per-head metrics}` (`finish`) of the batches added."""
+        return {split: finish(t) for split, t in self.totals.items()}
+
+
+def _over_source(
+    consume: Callable[[Iterable[dict[str, jax.Array]]], Any],
     source: data_lib.RecordSource,
     data_cfg: data_lib.DataConfig,
     mesh: Any,
     global_batch: int,
-    phase: str = "evaluation",
-) -> dict[str, dict[str, float]]:
-    """One pass of `step_fn` over `source` (unreadable images: see `data.take_bad`).
-
-    SIGINT/SIGTERM stop it between batches: `Interrupted` naming `phase`."""
+    phase: str,
+) -> Any:
+    """`consume(device batches of source's eval pipeline)` (unreadable images: see
+    `data.take_bad`). SIGINT/SIGTERM stop it between batches: `Interrupted` naming `phase`."""
     batches = data_lib.eval_batches(
         source,
         data_cfg,
@@ -171,12 +198,44 @@ def run_eval(
 
     stop = StopSignals()
     try:
-        return evaluate(step_fn, map(on_mesh, stop.batches(batches)))
+        return consume(map(on_mesh, stop.batches(batches)))
     except Stop:
         raise Interrupted(stop.requested, phase) from None
     finally:
         batches.close(now=stop.requested is not None)
         stop.restore()
+
+
+def run_eval(
+    step_fn: Callable[[dict[str, jax.Array]], dict],
+    source: data_lib.RecordSource,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+    phase: str = "evaluation",
+) -> dict[str, dict[str, float]]:
+    """One pass of `step_fn` (a batch -> `head_sums`) over `source` (`evaluate`)."""
+    return _over_source(
+        lambda batches: evaluate(step_fn, batches), source, data_cfg, mesh, global_batch, phase
+    )
+
+
+def run_eval_sets(
+    sums: SetSums,
+    source: data_lib.RecordSource,
+    data_cfg: data_lib.DataConfig,
+    mesh: Any,
+    global_batch: int,
+    phase: str = "evaluation",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """One pass over `source` adding every batch into `sums`: its `result`."""
+
+    def consume(batches: Iterable[dict[str, jax.Array]]) -> dict:
+        for batch in batches:
+            sums.add(batch)
+        return sums.result()
+
+    return _over_source(consume, source, data_cfg, mesh, global_batch, phase)
 
 
 # ----------------------------------------------------------------------------- exported models

@@ -5,11 +5,13 @@ One step (DeiT §5-6): normalise -> random erasing -> mixup/cutmix with label sm
 `stop_gradient`) -> `deit_loss` -> AdamW -> EMA. Randomness is `fold_in(key, step)`, so the step is
 a function of `(state, batch)` alone and a resumed run repeats an uninterrupted one.
 The same loop trains the CNN teacher (a model with BatchNorm statistics and no distillation).
+
+Over 400 lines: the loop, with its evaluation, checkpoint cadence, non-finite check and time
+budget, reads as one piece; what it needs before it starts is `open_run`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 from flax import struct
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from deit import budget as budget_lib
 from deit import configs, diskspace, export, parallel
@@ -189,16 +192,8 @@ def evaluate_state(
     global_batch: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """`{"val": per-head metrics of the weights, "val_ema": the same for the EMA weights}`."""
-    return {
-        split: eval_lib.run_eval(
-            functools.partial(eval_step, params, state.batch_stats),
-            source,
-            data_cfg,
-            mesh,
-            global_batch,
-        )
-        for split, params in weight_sets(state).items()
-    }
+    sums = eval_lib.SetSums(eval_step, weight_sets(state), state.batch_stats)
+    return eval_lib.run_eval_sets(sums, source, data_cfg, mesh, global_batch)
 
 
 def _check_finite(first_bad: jax.Array, ckpts: Checkpoints) -> None:
@@ -239,6 +234,72 @@ class _BadImages:
         return files
 
 
+@dataclass(frozen=True)
+class OpenedRun:
+    """A run folder checked and ready for the loop (`open_run`)."""
+
+    out: Path
+    """The run folder, absolute."""
+    mesh: Mesh
+    steps_per_epoch: int
+    ckpts: Checkpoints
+    """Its checkpoints, open: the caller closes them."""
+    latest: int | None
+    """The checkpoint step a resume restores (the newest intact one); None: a fresh run."""
+
+
+def open_run(
+    cfg: TrainConfig,
+    train_src: data_lib.RecordSource,
+    val_src: data_lib.RecordSource,
+    *,
+    teacher: Teacher | None,
+    resume: bool,
+) -> OpenedRun:
+    """What `fit` checks before any work: the same data on every process, a batch the mesh and
+    the training set allow, a teacher when distilling, a folder that holds no other run (or,
+    with `resume`, the checkpoint to continue from); then `OUTPUT/config.json` records `cfg`."""
+    out = Path(cfg.output).absolute()
+    mesh = parallel.make_mesh()
+    if jax.process_count() > 1:  # every process must follow one plan over the same records
+        sizes = np.asarray(
+            multihost_utils.process_allgather(np.array([len(train_src), len(val_src)]))
+        )
+        if (sizes != sizes[0]).any():
+            raise InputError(
+                f"the processes see different data: (train, val) sizes {sizes.tolist()}; expected "
+                "the same folder, unchanged, on every host"
+            )
+    global_batch = cfg.batch_size
+    parallel.check_batch(global_batch, mesh)
+    spe = len(train_src) // global_batch
+    if spe == 0:
+        raise InputError(
+            f"the training set has {len(train_src)} images, fewer than the batch {global_batch}; "
+            f"expected batch_size {parallel.fitting_batch(len(train_src), mesh)} or less"
+        )
+    if teacher is None and cfg.loss.distillation != "none":
+        raise InputError(f"distillation {cfg.loss.distillation!r} needs a teacher; none was given")
+    ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        ckpts.close()
+        raise InputError(
+            f"{out} already holds a run (checkpoint at step {latest}); resume it or choose "
+            "another output folder"
+        )
+    if latest is not None:
+        try:  # the newest intact one: a truncated or changed file falls back, with one line
+            latest = ckpts.usable_step()
+        except BaseException:
+            ckpts.close()
+            raise
+    if jax.process_index() == 0:  # what this run uses, whatever the caller derived it from
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
+    return OpenedRun(out, mesh, spe, ckpts, latest)
+
+
 def fit(
     model: Any,
     cfg: TrainConfig,
@@ -271,29 +332,14 @@ def fit(
     """
     started: float | None = time.perf_counter()
     clock = budget_lib.EpochClock(started)
-    out = Path(cfg.output).absolute()
-    mesh = parallel.make_mesh()
-    if jax.process_count() > 1:  # every process must follow one plan over the same records
-        sizes = np.asarray(
-            multihost_utils.process_allgather(np.array([len(train_src), len(val_src)]))
-        )
-        if (sizes != sizes[0]).any():
-            raise InputError(
-                f"the processes see different data: (train, val) sizes {sizes.tolist()}; expected "
-                "the same folder, unchanged, on every host"
-            )
+    opened = open_run(cfg, train_src, val_src, teacher=teacher, resume=resume)
+    out, mesh, ckpts = opened.out, opened.mesh, opened.ckpts
+    spe, latest = opened.steps_per_epoch, opened.latest
+    if latest is not None:
+        budget = None  # a resumed run keeps the epochs its config.json records
     global_batch = cfg.batch_size
-    parallel.check_batch(global_batch, mesh)
-    spe = len(train_src) // global_batch
-    if spe == 0:
-        raise InputError(
-            f"the training set has {len(train_src)} images, fewer than the batch {global_batch}; "
-            f"expected batch_size {parallel.fitting_batch(len(train_src), mesh)} or less"
-        )
     total = cfg.epochs * spe
     tx, schedule = create_optimizer(cfg.optim, global_batch, spe)
-    if teacher is None and cfg.loss.distillation != "none":
-        raise InputError(f"distillation {cfg.loss.distillation!r} needs a teacher; none was given")
     step_cfg = StepConfig(
         num_classes=len(train_src.classes),
         mean=cfg.data.mean,
@@ -303,24 +349,6 @@ def fit(
         loss=cfg.loss,
         ema=cfg.ema,
     )
-    ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
-    latest = ckpts.latest_step()
-    if latest is not None and not resume:
-        ckpts.close()
-        raise InputError(
-            f"{out} already holds a run (checkpoint at step {latest}); resume it or choose "
-            "another output folder"
-        )
-    if latest is not None:
-        budget = None  # a resumed run keeps the epochs its config.json records
-        try:  # the newest intact one: a truncated or changed file falls back, with one line
-            latest = ckpts.usable_step()
-        except BaseException:
-            ckpts.close()
-            raise
-    if jax.process_index() == 0:  # what this run uses, whatever the caller derived it from
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
     # Started before the state is built and compiled, so the workers start meanwhile.
     stream = data_lib.run_batches(
         train_src,
@@ -392,8 +420,7 @@ def fit(
     epoch, evaluating = step // spe, False
     bad = _BadImages()
     eval_steps = -(-len(val_src) // global_batch)
-    totals: dict[str, dict[str, dict[str, float]]] = {}
-    evaluated = 0
+    sums: eval_lib.SetSums | None = None  # the evaluation under way
     tick, seen, begin = time.perf_counter(), 0, step
     plateau: budget_lib.Plateau | None = None  # with budget.plateau, once the run is sized
 
@@ -426,19 +453,17 @@ def fit(
                 logger.log_start({"first_batch_s": time.perf_counter() - started})
                 started = None
             if kind == "eval":
-                device_batch = parallel.put_batch(batch, mesh)
-                for split, params in weight_sets(state).items():
-                    sums = eval_step(params, state.batch_stats, device_batch)
-                    eval_lib.accumulate(totals.setdefault(split, {}), sums)
-                evaluated += 1
-                if evaluated == 1:
+                if sums is None:  # the epoch's first validation batch: the weights are final
+                    sums = eval_lib.SetSums(eval_step, weight_sets(state), state.batch_stats)
+                sums.add(parallel.put_batch(batch, mesh))
+                if sums.batches == 1:
                     clock.mark("first_eval")
-                if evaluated < eval_steps:
+                if sums.batches < eval_steps:
                     continue
                 _check_finite(first_bad, ckpts)  # before its results, the best/ export, the save
-                results = {split: eval_lib.finish(t) for split, t in totals.items()}
+                results = sums.result()
                 clock.mark("eval_end")
-                totals, evaluated, evaluating = {}, 0, False
+                sums, evaluating = None, False
                 logger.log_eval(step, epoch, results)
                 which = max(results, key=lambda k: results[k]["avg"]["top1"])
                 if results[which]["avg"]["top1"] > best["top1"]:
