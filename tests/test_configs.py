@@ -105,7 +105,8 @@ def test_the_model_and_size_follow_the_side(side, model, size):
 @pytest.mark.parametrize("name", sorted(recipes.RECIPES))
 def test_a_printed_config_read_back_prints_identically(name, suffix, tmp_path, capsys):
     """`deit train --print-config > c.yaml; deit train --config c.yaml` (issue 26): YAML 1.1
-    reads the printed `1e-08` as a string, and JSON's `1` must not come back as `1.0`."""
+    reads the printed `1e-08` as a string, and a recipe's int in a float field (`1`) must not
+    come back as `1.0`."""
     from deit import cli
 
     assert cli.main(["train", "--recipe", name, "--print-config"]) == 0
@@ -121,7 +122,7 @@ def test_scientific_notation_is_a_number_wherever_the_field_is_a_float():
     assert values["optim"]["eps"] == "1e-08"  # what YAML 1.1 gives: the reason for the fix
     cfg = recipes.from_dict({"recipe": "digits", **values})
     assert cfg.optim.eps == 1e-8 and cfg.optim.base_lr == 5e-4
-    assert cfg.optim.warmup_epochs == 1 and isinstance(cfg.optim.warmup_epochs, int)
+    assert cfg.optim.warmup_epochs == 1.0 and isinstance(cfg.optim.warmup_epochs, float)
     with pytest.raises(configs.ConfigError, match=r"optim\.eps 'small'; expected float"):
         recipes.from_dict({"optim": {"eps": "small"}})
     # A string field keeps its text, number-like or not.

@@ -145,8 +145,35 @@ def resolve_dtype(cfg: TrainConfig, backend: str) -> TrainConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The tree as plain JSON values (tuples become lists), with the layout version."""
-    return {"version": VERSION, **dataclasses.asdict(cfg)}
+    """The tree as plain JSON values (tuples become lists), with the layout version. A float
+    field is written as a float even where a recipe gave an int (`warmup_epochs=1` as 1.0):
+    reading it back gives a float, and the printed config must print the same again."""
+    return {"version": VERSION, **_plain(cfg)}
+
+
+def _plain(node: Any) -> Any:
+    """`dataclasses.asdict`, with each float field's value a float (by the field's type)."""
+    values = dataclasses.asdict(node)
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, hint = getattr(node, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            values[f.name] = _plain(value)
+        elif _is_float(hint) and isinstance(value, int) and not isinstance(value, bool):
+            values[f.name] = float(value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, tuple):
+            args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+            if args and all(a is float for a in args):  # mean, std, scale, ...
+                values[f.name] = [float(v) for v in value]
+    return values
+
+
+def _is_float(hint: Any) -> bool:
+    """`float`, or `float | None`."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return float in args and all(a in (float, type(None)) for a in args)
+    return hint is float
 
 
 def _closest(key: str, known: list[str]) -> str:
@@ -187,9 +214,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         # they are what `--print-config` prints and how people write a learning rate.
         return float(value)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        # An int stays an int: a recipe's `warmup_epochs=1` prints as 1, and a printed config
-        # read back must print the same (float(1) would print 1.0).
-        return value
+        return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(key, f"{value!r}; expected {getattr(hint, '__name__', hint)}")
