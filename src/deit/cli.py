@@ -1,6 +1,16 @@
 """The `deit` command: parses flags into configs and calls the library, nothing else.
 
 Errors in what the user gave (a bad flag value, file or folder) print one line and exit 2.
+
+Two command-line libraries, on purpose. `deit train` is parsed by tyro (`cli_train.py`): its
+flags are the whole typed config tree (well over a hundred dotted flags, each field's docstring
+its help, a recipe or config file as the defaults), which tyro derives from the dataclasses, so
+a new setting needs no wiring. The seven other subcommands (eval, predict, convert, visualize,
+info, data, cache) have a few flat flags each and no config tree behind them, with a flag whose
+value is optional (`--pretrained [NAME]`) and nested commands (`deit data check|pack`,
+`deit cache list|clear`) that argparse states in a line each; they use the standard library and
+start without importing tyro. One `main` routes both and maps every library error to the same
+one-line messages and exit codes.
 """
 
 from __future__ import annotations
