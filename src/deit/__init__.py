@@ -38,6 +38,7 @@ _SUBMODULES = (
     "visualize",
     "parallel",
     "pretrained",
+    "recipes",
     "teacher",
 )
 
