@@ -138,3 +138,14 @@ def test_predict_is_the_model_on_the_exported_preprocessing(tmp_path):
     for row, p in zip(top, probs, strict=True):
         assert [name for name, _ in row] == [classes[j] for j in np.argsort(-p)[:3]]
         np.testing.assert_allclose([q for _, q in row], np.sort(p)[::-1][:3], rtol=1e-5)
+
+
+def test_preprocessing_normalises_exactly_as_training_does():
+    """`Preprocessing.normalize` writes out `augment.normalize` (the registry cannot import it):
+    the same float32 values, so evaluation sees what training's validation saw."""
+    from deit.augment import normalize
+
+    batch = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    prep = Preprocessing(8, (0.5, 0.4, 0.3), (0.25, 0.2, 0.1))
+    want = normalize(jnp.asarray(batch), prep.mean, prep.std)  # as the step gets it: on device
+    np.testing.assert_array_equal(prep.normalize(batch), want)
