@@ -149,25 +149,18 @@ def _train_and_evaluate(
         (out / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2) + "\n")
     train_src, val_src = data_lib.load_sources(cfg.data)
     num_classes = len(train_src.classes)
+    fields = dict(
+        num_classes=num_classes,
+        img_size=cfg.data.img_size,
+        drop_path_rate=cfg.model.drop_path_rate,
+        dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
+    )
     init = None
     if pretrained is None:
-        student = create_model(
-            cfg.model.name,
-            num_classes=num_classes,
-            img_size=cfg.data.img_size,
-            drop_path_rate=cfg.model.drop_path_rate,
-            dtype=cfg.model.dtype,
-            remat=cfg.model.remat,
-        )
+        student = create_model(cfg.model.name, **fields)
     else:
-        student = pretrained.model.clone(
-            num_classes=num_classes,
-            img_size=cfg.data.img_size,
-            drop_path_rate=cfg.model.drop_path_rate,
-            dtype=cfg.model.dtype,
-            remat=cfg.model.remat,
-            capture=False,
-        )
+        student = pretrained.model.clone(**fields, capture=False)
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
     report.announce(cfg, student, train_src, val_src, why=why)
     total = budget_lib.parse_duration(cfg.time_budget) if cfg.time_budget and not resume else None
