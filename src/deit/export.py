@@ -51,9 +51,10 @@ def model_config(model: Any, **extra: Any) -> dict[str, Any]:
 def build_model(config: dict[str, Any]) -> Any:
     """The module described by `model_config`."""
     from deit.model import DeiT
+    from deit.regnet import RegNet
     from deit.teacher import ResNet
 
-    kinds = {"DeiT": DeiT, "ResNet": ResNet}
+    kinds = {"DeiT": DeiT, "ResNet": ResNet, "RegNet": RegNet}
     kind = config.get("kind")
     if kind not in kinds:
         raise InputError(
