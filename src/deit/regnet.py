@@ -189,12 +189,12 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         in_width = x.shape[-1]
-        width = int(round(self.features * self.bottle_ratio))
+        width = round(self.features * self.bottle_ratio)
         conv = lambda *a, **k: ConvBN(*a, dtype=self.dtype, **k)
         y = conv(width, name="conv1")(x, train=train)
         y = conv(width, 3, self.strides, width // self.group_size, name="conv2")(y, train=train)
         if self.se_ratio:
-            y = SqueezeExcite(int(round(in_width * self.se_ratio)), self.dtype, name="se")(y)
+            y = SqueezeExcite(round(in_width * self.se_ratio), self.dtype, name="se")(y)
         # Zero-init of the last BN scale: each block starts as its shortcut (timm's zero_init_last).
         y = conv(self.features, act=False, zero_scale=True, name="conv3")(y, train=train)
         if in_width != self.features or self.strides != 1:
@@ -274,7 +274,7 @@ class RegNet(nn.Module):
         bad = [
             w
             for w, g in zip(self.widths, self.group_sizes, strict=True)
-            if g <= 0 or int(round(w * self.bottle_ratio)) % g
+            if g <= 0 or round(w * self.bottle_ratio) % g
         ]
         if bad or any(d <= 0 for d in self.depths) or self.num_classes <= 0:
             raise InputError(

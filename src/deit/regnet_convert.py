@@ -273,9 +273,17 @@ def convert_regnet_checkpoint(
             f"{model_name or 'RegNet'} asked for; expected a timm RegNet state dict"
         )
     model = infer_regnet(sd)
+    if model_name is not None and model_name not in REGNETS:
+        from deit.variants import VARIANTS
+
+        found = registered_name(model) or "RegNet"
+        if model_name not in VARIANTS:
+            create_regnet(model_name)  # an unknown name: one line with the close matches
+        raise InputError(
+            f"{src} holds a {found} ({describe(model)}), not the {model_name} its name asks "
+            "for; expected a DeiT checkpoint, or the RegNet's own name"
+        )
     if model_name is not None:
-        if model_name not in REGNETS:
-            create_regnet(model_name)  # the unknown name, with close matches
         check_architecture(model, model_name, str(src))
     name = model_name or registered_name(model)
     classes = num_classes if num_classes is not None else model.num_classes

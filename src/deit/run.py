@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from deit import budget as budget_lib
-from deit import configs, export, parallel, pretrained, progress, runlock
+from deit import configs, export, parallel, progress, runlock, teacher_source
 from deit import data as data_lib
 from deit.configs import ModelConfig, TrainConfig
 from deit.errors import InputError
@@ -25,6 +25,7 @@ from deit.export import exported_folder, load_exported, teacher_from_export
 from deit.losses import LossConfig
 from deit.model import DeiT, create_model, init_params, param_count, resample_pos_embed
 from deit.optim import REFERENCE_BATCH, OptimConfig, scaled_lr
+from deit.regnet import REGNETS, close_names
 from deit.runlock import RunLock
 from deit.signals import Interrupted, StopSignals
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
@@ -67,18 +68,15 @@ def resolve_teacher(
     """`cfg.teacher.path` (an exported folder or a run), or `cfg.teacher.arch` trained into
     `OUTPUT/teacher` first (reused when that folder already holds a finished teacher), within
     `budget` when given (`train.fit`); a teacher trained here is reported (`report_teacher`)."""
-    if cfg.teacher.path is not None:
-        path = cfg.teacher.path
-        if not Path(path).is_dir() and path.partition("@")[0] not in pretrained.PRETRAINED:
-            raise InputError(
-                f"teacher.path {path!r} is not a folder; expected an exported model folder, a "
-                "run folder or a pretrained name"
-            )
-        final = exported_folder(path)
-        return teacher_from_export(final), final
+    if cfg.teacher.path is not None:  # a folder, file, URL or name; fine-tuned when asked
+        return teacher_source.resolve_given(cfg, train_src, val_src, resume, budget)
     name = cfg.teacher.arch
-    if name not in TEACHERS:
-        raise InputError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
+    if name not in TEACHERS and name not in REGNETS:
+        near = close_names(name, teacher_source.teacher_names())
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise InputError(
+            f"teacher.arch {name!r}; {hint}expected one of {', '.join([*TEACHERS, *REGNETS])}"
+        )
     out = Path(cfg.output).absolute() / "teacher"
     final = out / "final"
     if not (final / export.CONFIG).is_file():
@@ -258,7 +256,10 @@ def announce(
             f"{cfg.data.dataset}: {len(train_src.classes)} classes, {len(train_src):,} train / "
             f"{len(val_src):,} val images at {size}x{size}",
         ),
-        ("teacher", _teacher_plan(cfg, out)),
+        (
+            "teacher",
+            teacher_source.plan(cfg, out, len(train_src.classes)) or _teacher_plan(cfg, out),
+        ),
         *([("budget", budget_text(cfg))] if cfg.time_budget else []),
         (
             "batch",
@@ -361,6 +362,7 @@ def train_and_evaluate(
     whichever phase stopped.
     """
     cfg = configs.resolve_dtype(cfg, jax.default_backend())
+    cfg = teacher_source.given(cfg)  # --teacher-model regnety_160 alone: its pretrained weights
     out = Path(cfg.output).absolute()
     if resume and not out.is_dir():
         check_resumable(out)  # said before the lock would create the folder
