@@ -25,6 +25,7 @@ _EXPORTS = {
     "ModelSpec": "deit.variants",
     "get_spec": "deit.variants",
     "load_pretrained": "deit.pretrained",
+    "load_teacher": "deit.teacher_source",
     "jit": "deit.compiler",
     "PRETRAINED": "deit.pretrained",
 }

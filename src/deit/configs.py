@@ -60,6 +60,21 @@ class ModelConfig:
             raise InputError(f"drop_path_rate {self.drop_path_rate} is outside [0, 1)")
 
 
+# A pretrained CNN teacher fitted to new classes (`TeacherConfig.finetune`): the usual
+# transfer recipe for a convnet, short, since the whole network starts trained.
+FINETUNE_OPTIM = OptimConfig(
+    opt="sgd",
+    base_lr=0.02,
+    weight_decay=1e-4,
+    momentum=0.9,
+    epochs=10,
+    warmup_epochs=1.0,
+    warmup_lr=1e-6,
+    min_lr=1e-6,
+)
+FINETUNE_MIXUP = MixupConfig(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, label_smoothing=0.1)
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """Where the distillation targets come from: an exported model, or a CNN trained first."""
@@ -78,6 +93,17 @@ class TeacherConfig:
     """The teacher's weight EMA."""
     mixup: MixupConfig = field(default_factory=MixupConfig)
     """The teacher's mixup/cutmix and label smoothing."""
+    finetune: bool | None = None
+    """Fine-tune a pretrained teacher on the data's classes first (a new head, then
+    `finetune_optim` with `finetune_mixup`, into OUTPUT/teacher, resumable) when its class count
+    differs from the data's. None: for a teacher given by name, URL or checkpoint file (the
+    official maintainers' advice for new classes); true: also for an exported folder; false:
+    never (a class-count mismatch is then an error)."""
+    finetune_optim: OptimConfig = field(default_factory=lambda: FINETUNE_OPTIM)
+    """The fine-tuning recipe: SGD, momentum 0.9, lr 0.01 at batch 256 (base_lr 0.02 per
+    512), weight decay 1e-4 (none on BN and biases), 1 warm-up epoch, cosine to 1e-6, 10 epochs."""
+    finetune_mixup: MixupConfig = field(default_factory=lambda: FINETUNE_MIXUP)
+    """Fine-tuning's augmentation on the device: no mixup/cutmix, label smoothing 0.1."""
 
 
 @dataclass(frozen=True)

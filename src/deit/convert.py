@@ -357,8 +357,13 @@ def convert_checkpoint(
     class count, image size and input channels follow the checkpoint unless overridden.
     `to="timm"`: an exported folder becomes `out_dir/model.safetensors` in timm's layout, returned.
     """
+    from deit import regnet_convert
+    from deit.regnet import RegNet
+
     if to == "timm":
         model, variables, _ = export.load_model(src)
+        if isinstance(model, RegNet):
+            return regnet_convert.export_timm(src, out_dir)
         if not isinstance(model, DeiT):
             raise InputError(f"{src} holds a {type(model).__name__}, not a DeiT")
         target = Path(out_dir).absolute() / "model.safetensors"
@@ -366,6 +371,18 @@ def convert_checkpoint(
     if to != "flax":
         raise InputError(f"to={to!r}; expected 'flax' or 'timm'")
     state_dict = load_state_dict(src)
+    if regnet_convert.is_regnet(state_dict) or (model_name or "").startswith("regnet"):
+        # The paper's teacher and its family (`deit.regnet`): a network of their own.
+        if img_size is not None:
+            raise InputError("img_size: a RegNet takes any image size; expected it unset")
+        return regnet_convert.convert_regnet_checkpoint(
+            src,
+            model_name,
+            out_dir,
+            num_classes=num_classes,
+            drop_heads=drop_heads,
+            state_dict=state_dict,
+        )
     timm_sd = hf_to_timm(state_dict) if detect_layout(state_dict) == "hf" else state_dict
     arch = _architecture(timm_sd)
     name = resolve_name(model_name) if model_name else infer_variant(arch)

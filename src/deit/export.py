@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from deit.errors import InputError
 from deit.model import DeiT
+from deit.regnet import RegNet
 from deit.teacher import ResNet
 
 # `Preprocessing` lived here until issue 26: importable from here for one release.
@@ -52,7 +53,7 @@ def model_config(model: Any, **extra: Any) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any]) -> Any:
     """The module described by `model_config`."""
-    kinds = {"DeiT": DeiT, "ResNet": ResNet}
+    kinds = {"DeiT": DeiT, "ResNet": ResNet, "RegNet": RegNet}
     kind = config.get("kind")
     if kind not in kinds:
         raise InputError(

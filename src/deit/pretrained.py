@@ -54,8 +54,10 @@ class Weights:
     name: str
     file: str
     top1: float
-    top5: float
+    top5: float | None
     url_base: str = OFFICIAL_URL
+    hub_tag: str = "fb_in1k"
+    """The timm Hub repository's tag: `timm/<name>.<hub_tag>`."""
 
     @property
     def url(self) -> str:
@@ -75,7 +77,7 @@ class Weights:
 
     @property
     def timm_repo(self) -> str:
-        return f"timm/{self.name}.fb_in1k"
+        return f"timm/{self.name}.{self.hub_tag}"
 
 
 PRETRAINED: dict[str, Weights] = {
@@ -113,10 +115,27 @@ PRETRAINED: dict[str, Weights] = {
 }
 
 
+# The paper's teacher (DeiT §5.2): timm's `regnety_160` as the DeiT authors trained it, 82.9%
+# top-1 at 224 (the official README gives no top-5). Converted by `deit.regnet_convert`; the Hub
+# holds it in timm's layout only (`timm/regnety_160.deit_in1k`).
+TEACHER_WEIGHTS: dict[str, Weights] = {
+    "regnety_160": Weights(
+        "regnety_160", "regnety_160-a5fe301d.pth", 82.9, None, hub_tag="deit_in1k"
+    )
+}
+
+
 def weights(name: str) -> Weights:
+    if name in TEACHER_WEIGHTS:
+        return TEACHER_WEIGHTS[name]
     if name not in PRETRAINED:
+        import difflib
+
+        names = [*PRETRAINED, *TEACHER_WEIGHTS]
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
         raise InputError(
-            f"no pretrained weights named {name!r}; expected one of {', '.join(PRETRAINED)}"
+            f"no pretrained weights named {name!r}; {hint}expected one of {', '.join(names)}"
         )
     return PRETRAINED[name]
 
@@ -239,6 +258,11 @@ def checkpoint_file(name: str, source: Source = "official") -> Path:
         if target.is_file():
             return target
         return download(w.url, target, w.sha256_prefix)
+    if source == "hf" and name in TEACHER_WEIGHTS:
+        raise InputError(
+            f"{name} has no Hugging Face transformers layout; expected {name} (the official "
+            f"file) or {name}@timm ({w.timm_repo})"
+        )
     if source == "hf":
         return _hub_file(w.hf_repo, ("model.safetensors", "pytorch_model.bin"))
     if source == "timm":
@@ -256,7 +280,7 @@ def pretrained_folder(name: str, source: Source = "official") -> Path:
     part = folder.with_name(folder.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     try:
-        convert_checkpoint(ckpt, name, part)
+        convert_checkpoint(ckpt, name, part)  # a RegNet name goes to deit.regnet_convert
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(part, folder)
     finally:
@@ -279,8 +303,10 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
     if path.exists():
         return path
     name, _, source = str(path_or_name).partition("@")
-    if name in PRETRAINED:
+    if name in PRETRAINED or name in TEACHER_WEIGHTS:
         return pretrained_folder(name, source or "official")  # type: ignore[arg-type]
+    if str(path_or_name).startswith(("https://", "http://")):
+        return url_folder(str(path_or_name))
     return path
 
 
@@ -350,6 +376,55 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> An
         return model, variables
     target = model.clone(**overrides)
     return target, {"params": adapt_params(variables["params"], model, target)}
+
+
+def _converted(ckpt: Path, folder: Path, model_name: str | None) -> Path:
+    """`ckpt` converted into `folder` once (through `folder.part`): the cached folder after."""
+    from deit import export
+    from deit.convert import convert_checkpoint
+
+    if (folder / export.CONFIG).is_file() and (folder / export.WEIGHTS).is_file():
+        return folder
+    part = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        convert_checkpoint(ckpt, model_name, part)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(part, folder)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    log.info(f"converted {ckpt} into {folder}")
+    return folder
+
+
+def url_folder(url: str, model_name: str | None = None) -> Path:
+    """The exported folder of the checkpoint at `url` (official `--teacher-path URL`): downloaded
+    once into `downloads/` (its SHA-256 checked against the hash prefix its file name carries,
+    `NAME-<hex>.pth`, when it carries one) and converted once into `pretrained/<file>/url`.
+    `model_name` (a registered name) must then match the file's network."""
+    file = url.rstrip("/").rpartition("/")[2].partition("?")[0]
+    if not file:
+        raise InputError(f"{url} names no file; expected a URL ending in NAME-<hash>.pth")
+    known = [w for w in (*PRETRAINED.values(), *TEACHER_WEIGHTS.values()) if w.file == file]
+    found = re.search(r"-([0-9a-f]{6,})\.", file)
+    if known and known[0].url == url and model_name in (None, known[0].name):
+        return pretrained_folder(known[0].name)  # an official URL: the name's own cache entry
+    target = downloads_dir() / file
+    if not target.is_file():
+        download(url, target, found[1] if found else None)
+    name = model_name or (known[0].name if known else None)
+    return _converted(target, pretrained_dir() / file.partition(".")[0] / "url", name)
+
+
+def file_folder(path: str | os.PathLike, model_name: str | None = None) -> Path:
+    """The exported folder of a local checkpoint file (`.pth`, `.safetensors`, read by the
+    restricted unpickler), converted once into `pretrained/<stem>/file-<key>`; the key follows
+    the file's absolute path, size and modification time, so an edited file converts again."""
+    path = Path(path).absolute()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = path.name.partition(".")[0]
+    return _converted(path, pretrained_dir() / stem / f"file-{key}", model_name)
 
 
 def cache_entries() -> list[tuple[Path, int]]:

@@ -127,10 +127,12 @@ def announce(
     val_src: data_lib.RecordSource,
     *,
     why: str | None = None,
+    teacher_row: str | None = None,
 ) -> None:
     """The run's plan on stderr before any work (`progress.header`), and warnings for settings
     that make a run that cannot learn (an lr scaled too low, a teacher longer than the student).
-    A batch larger than the training set is an InputError naming the batch that fits."""
+    A batch larger than the training set is an InputError naming the batch that fits.
+    `teacher_row` replaces the teacher's row (a teacher given by name, URL or file)."""
     out = Path(cfg.output).absolute()
     mesh = parallel.make_mesh()
     batch, devices = cfg.batch_size, mesh.devices.size
@@ -152,7 +154,7 @@ def announce(
             f"{cfg.data.dataset}: {len(train_src.classes)} classes, {len(train_src):,} train / "
             f"{len(val_src):,} val images at {size}x{size}",
         ),
-        ("teacher", _teacher_plan(cfg, out)),
+        ("teacher", teacher_row or _teacher_plan(cfg, out)),
         *([("budget", budget_text(cfg))] if cfg.time_budget else []),
         (
             "batch",

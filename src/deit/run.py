@@ -15,36 +15,21 @@ from typing import Any
 import jax
 
 from deit import budget as budget_lib
-from deit import checkpoint, configs, export, parallel, pretrained, progress, report
+from deit import checkpoint, configs, export, parallel, pretrained, progress, report, teacher_source
 from deit import data as data_lib
-from deit.configs import ModelConfig, TrainConfig
+from deit.configs import TrainConfig
 from deit.errors import InputError
 from deit.evaluate import make_teacher_eval_step, run_eval
-from deit.losses import LossConfig
 from deit.model import DeiT, adapt_params, create_model
+from deit.regnet import REGNETS, close_names
 from deit.runlock import RunLock
 from deit.signals import Interrupted, StopSignals
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
+from deit.teacher_source import teacher_config
 from deit.train import fit
 from deit.variants import variant_at
 
 log = logging.getLogger("deit")
-
-
-def teacher_config(cfg: TrainConfig, output: Path) -> TrainConfig:
-    """The run that trains `cfg.teacher.arch` into `output`: the student's data, batch, seed and
-    loop settings with the teacher's network, optimiser, EMA and mixup, and no distillation."""
-    t = cfg.teacher
-    return dataclasses.replace(
-        cfg,
-        output=str(output),
-        finetune=None,
-        model=ModelConfig(name=t.arch, drop_path_rate=0.0, dtype=cfg.model.dtype),
-        optim=t.optim,
-        ema=t.ema,
-        mixup=t.mixup,
-        loss=LossConfig(distillation="none"),
-    )
 
 
 def resolve_teacher(
@@ -57,18 +42,15 @@ def resolve_teacher(
     """`cfg.teacher.path` (an exported folder or a run), or `cfg.teacher.arch` trained into
     `OUTPUT/teacher` first (reused when that folder already holds a finished teacher), within
     `budget` when given (`train.fit`); a teacher trained here is reported (`report_teacher`)."""
-    if cfg.teacher.path is not None:
-        path = cfg.teacher.path
-        if not Path(path).is_dir() and path.partition("@")[0] not in pretrained.PRETRAINED:
-            raise InputError(
-                f"teacher.path {path!r} is not a folder; expected an exported model folder, a "
-                "run folder or a pretrained name"
-            )
-        opened = pretrained.open_model(path)
-        return opened.as_teacher(), opened.folder
+    if cfg.teacher.path is not None:  # a folder, file, URL or name; fine-tuned when asked
+        return teacher_source.resolve_given(cfg, train_src, val_src, resume, budget)
     name = cfg.teacher.arch
-    if name not in TEACHERS:
-        raise InputError(f"teacher.arch {name!r}; expected one of {', '.join(TEACHERS)}")
+    if name not in TEACHERS and name not in REGNETS:
+        near = close_names(name, teacher_source.teacher_names())
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise InputError(
+            f"teacher.arch {name!r}; {hint}expected one of {', '.join([*TEACHERS, *REGNETS])}"
+        )
     out = Path(cfg.output).absolute() / "teacher"
     final = out / "final"
     if not (final / export.CONFIG).is_file():
@@ -115,6 +97,7 @@ def train_and_evaluate(
     whichever phase stopped.
     """
     cfg = configs.resolve_dtype(cfg, jax.default_backend())
+    cfg = teacher_source.given(cfg)  # --teacher-model regnety_160 alone: its pretrained weights
     out = Path(cfg.output).absolute()
     if resume and not out.is_dir():
         checkpoint.check_resumable(out)  # said before the lock would create the folder
@@ -162,7 +145,8 @@ def _train_and_evaluate(
     else:
         student = pretrained.model.clone(**fields, capture=False)
         init = adapt_params(pretrained.params, pretrained.model, student, rng=cfg.seed)
-    report.announce(cfg, student, train_src, val_src, why=why)
+    row = teacher_source.plan(cfg, Path(cfg.output).absolute(), len(train_src.classes))
+    report.announce(cfg, student, train_src, val_src, why=why, teacher_row=row)
     total = budget_lib.parse_duration(cfg.time_budget) if cfg.time_budget and not resume else None
     spent = lambda: time.perf_counter() - launched
     teacher, teacher_path, teacher_val = None, None, None

@@ -183,14 +183,24 @@ TEACHERS: dict[str, ResNetSpec] = {
 _OVERRIDABLE = {f.name for f in dataclasses.fields(ResNetSpec)} | {"dtype"}
 
 
-def create_teacher(name: str, num_classes: int, **overrides: Any) -> ResNet:
-    """A registered ResNet (`TEACHERS`) with `num_classes` outputs.
+def create_teacher(name: str, num_classes: int, **overrides: Any) -> nn.Module:
+    """A registered ResNet (`TEACHERS`) or RegNet (`deit.regnet.REGNETS`) with `num_classes`
+    outputs.
 
     Overrides replace spec fields (`num_filters`, `small_input`, `stage_sizes`, `block`) or set
     the compute `dtype`.
     """
+    from deit.regnet import REGNETS, close_names, create_regnet
+
+    if name in REGNETS:  # the paper's teacher family (`deit.regnet`); no small-input stem
+        overrides.pop("small_input", None)
+        return create_regnet(name, num_classes, **overrides)
     if name not in TEACHERS:
-        raise InputError(f"unknown teacher {name!r}; expected one of {sorted(TEACHERS)}")
+        near = close_names(name, [*TEACHERS, *REGNETS])
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise InputError(
+            f"unknown teacher {name!r}; {hint}expected one of {sorted(TEACHERS) + list(REGNETS)}"
+        )
     unknown = sorted(set(overrides) - _OVERRIDABLE)
     if unknown:
         raise InputError(

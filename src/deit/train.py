@@ -79,13 +79,16 @@ def init_state(
     image_shape: tuple[int, ...],
     params: Any = None,
 ) -> TrainState:
-    """A fresh state; `params` (e.g. a checkpoint adapted for fine-tuning) replace the init."""
+    """A fresh state; `params` (e.g. a checkpoint adapted for fine-tuning) replace the init;
+    `{"params", "batch_stats"}` (a CNN's variables) replace both."""
     key = jax.random.PRNGKey(seed)
     init_key, state_key = jax.random.split(key)
     if params is None:
         variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32)))(
             init_key
         )
+    elif set(params) == {"params", "batch_stats"}:  # a CNN's variables (a teacher fine-tuned)
+        variables = jax.tree_util.tree_map(jnp.array, dict(params))
     else:
         # Copies: the jitted step donates the state, which must not invalidate the caller's arrays.
         variables = {"params": jax.tree_util.tree_map(jnp.array, params)}

@@ -1,6 +1,6 @@
 """What a data set looks like before a recipe is chosen for it: how many training images, how
 many classes, how large the images typically are (`survey`). The `small` recipe is derived
-from it (`configs.small`), and `deit train --data FOLDER` picks that recipe for a folder with
+from it (`recipes.small`), and `deit train --data FOLDER` picks that recipe for a folder with
 few or small images.
 """
 
