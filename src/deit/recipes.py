@@ -134,14 +134,16 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
       below 112 px.
 
     Measured with `bench/small_suite.py` on one core of an AMD EPYC (`taskset -c 1`, 10m
-    budget; `bench/results/small_suite.md`, README "Your own folder"); fitted on digits28 alone:
+    budget; `bench/results/small_suite.md`, README "Your own folder"); fitted on digits28,
+    shapes40c held out; what was tried on the misses is in docs/small_recipe.md:
 
-        set                       teacher  student (avg heads)  epochs t / s  time
-        digits28 (28 px grey)     99.3%    96.9%                19 / 51       11.0 min
-        shapes40c (held out)      75.0%    79.8% (class head 84.0%)  17 / 67  11.1 min
-
-    On shapes40c the teacher's third of the budget was too short (an epoch of the ResNet-8 at
-    40 px costs twice the student's): the run warned that it was weak and still improving.
+        set                    teacher  student (avg heads)  epochs t / s  time
+        digits16 (16 px grey)  99.3%    99.1%                47 / 174      9.9 min
+        digits28 (28 px grey)  99.7%    96.7%                24 / 38       9.8 min
+        textures64c (colour)   97.5%    96.8%                20 / 35       10.0 min
+        shapes28 (28 px grey)  98.5%    80.8%                17 / 45       9.9 min
+        shapes40c (held out)   94.8%    65.4%                24 / 29       9.5 min
+        digits48c (colour)     10.7%    10.4%  (both at chance: random tints)  9.9 min
     """
     tiny = survey.side < SMALL_SIDE
     name, patch, (lo, hi) = (
