@@ -113,24 +113,13 @@ def test_tiny_logits_match_timm_and_batch_stats_update():
         want = ref(xt).numpy()
     out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-4)
-    torch_stats = rc.from_torch(numpy_sd(ref), model)["batch_stats"]
-    for a, b in zip(
-        jax.tree_util.tree_leaves(updates["batch_stats"]),
-        jax.tree_util.tree_leaves(torch_stats),
-        strict=True,
-    ):
-        # torch's running_var uses the unbiased batch variance, Flax the biased one.
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-3)
-
-
-def test_a_jitted_teacher_compiles_once_per_shape():
-    model = create_teacher(TINY, 4)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    teacher = deit.teacher.Teacher.from_resnet(model, variables, (0.5,) * 3, (0.25,) * 3)
-    step = jax.jit(lambda t, x: t(x))
-    for seed in range(3):
-        step(teacher, jax.random.uniform(jax.random.PRNGKey(seed), (2, 32, 32, 3)))
-    assert step._cache_size() == 1
+    torch_stats = export.flatten(rc.from_torch(numpy_sd(ref), model)["batch_stats"])
+    ours = export.flatten(updates["batch_stats"])
+    assert set(ours) == set(torch_stats)
+    for path, value in ours.items():
+        # torch's running_var takes the unbiased batch variance (n / (n - 1)), Flax the biased.
+        tol = dict(rtol=0.05, atol=0) if path.endswith("var") else dict(rtol=0, atol=1e-5)
+        np.testing.assert_allclose(value, torch_stats[path], **tol)
 
 
 @pytest.mark.slow
@@ -192,6 +181,7 @@ def test_eval_and_predict_on_a_converted_teacher(tmp_path, capsys):
     src.write_bytes(_pth(ref.state_dict()))
     out = tmp_path / "teacher"
     assert cli.main(["convert", str(src), "--out", str(out)]) == 0
+    capsys.readouterr()
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90, 3), np.uint8)).save(image)
     assert cli.main(["predict", "--checkpoint", str(out), str(image)]) == 0
@@ -332,7 +322,12 @@ def test_a_checkpoint_of_another_architecture_than_the_name(tmp_path, capsys):
     assert f"{deit_file} holds a DeiT" in err and f"not the {TINY} asked for" in err
 
 
-def test_a_truncated_download_is_one_line_and_not_cached(official_tiny, server, deit_home, capsys):  # noqa: F811
+def test_a_truncated_download_is_one_line_and_not_cached(
+    official_tiny,
+    server,  # noqa: F811
+    deit_home,
+    capsys,
+):
     _, entry = official_tiny
     server.cut.add(f"/deit/{entry.file}")
     err = one_line_error(capsys, ["predict", "--pretrained", TINY, "img.png"])

@@ -46,7 +46,8 @@ def teacher_names() -> list[str]:
     run can train from scratch (`--teacher-model`)."""
     from deit.teacher import TEACHERS
 
-    return [*pretrained.TEACHER_WEIGHTS, *pretrained.PRETRAINED, *TEACHERS, *REGNETS]
+    names = [*pretrained.TEACHER_WEIGHTS, *pretrained.PRETRAINED, *TEACHERS, *REGNETS]
+    return list(dict.fromkeys(names))
 
 
 def _unknown(spec: str) -> InputError:
@@ -54,8 +55,8 @@ def _unknown(spec: str) -> InputError:
     if near:
         return InputError(
             f"teacher.path {spec!r} is not a folder, a checkpoint file or a teacher name; did "
-            f"you mean {', '.join(near)}? (pretrained teachers: "
-            f"{', '.join(pretrained.TEACHER_WEIGHTS)})"
+            f"you mean {', '.join(near)}? (expected a folder, a checkpoint file, a URL or a "
+            f"name; pretrained teachers: {', '.join(pretrained.TEACHER_WEIGHTS)})"
         )
     return InputError(
         f"teacher.path {spec!r} is not a folder; expected an exported model folder, a run "
