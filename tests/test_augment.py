@@ -16,7 +16,7 @@ import torch
 from timm.data import mixup as timm_mixup
 from timm.data.random_erasing import RandomErasing
 
-from deit.augment import (
+from deit.data.device import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ErasingConfig,

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 from timm.data import auto_augment as timm_aa
 
-from deit import transforms
-from deit.transforms import (
+from deit.data import host as transforms
+from deit.data import randaugment
+from deit.data.host import (
     IMAGENET_FILL,
     RAND_INCREASING_TRANSFORMS,
     RAND_TRANSFORMS,
@@ -543,7 +544,7 @@ def test_randaugment_draws_follow_timms():
     }
     rng = np.random.default_rng(0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transforms, "_OPS", patched)
+        mp.setattr(randaugment, "_OPS", patched)
         for _ in range(3000):
             seen_ours.append([])
             ours.augment(img, rng)

@@ -249,21 +249,13 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     }
 
 
-def take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
-    """`data.take_bad` agreed by every process: `(this share's bad records, all shares' count)`.
+def process_counts(n: int) -> np.ndarray:
+    """Every process's `n`, `(process_count,)` (a collective: all processes must call it)."""
+    return np.asarray(multihost_utils.process_allgather(np.int32(n)))
 
-    With several processes each sees only its share, so under "error" the processes first count
-    together and all stop, rather than one stopping and the rest waiting in the next step."""
-    if jax.process_count() == 1:
-        skipped = data_lib.take_bad(batch, source, mode)
-        return skipped, len(skipped)
-    skipped = data_lib.take_bad(batch, source, "skip")
-    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(skipped))))
-    if mode == "error" and counts.sum():
-        if skipped:
-            data_lib.take_bad({"bad": np.asarray(skipped)}, source, "error")  # raises, naming it
-        raise data_lib.BadImageError(
-            f"process {int(np.argmax(counts > 0))} read an unreadable image (its own message names "
-            "it); stopped where it was read (the checkpoints written so far are kept)"
-        )
-    return skipped, int(counts.sum())
+
+def take_bad(batch: dict[str, Any], source: data_lib.RecordSource, mode: str) -> tuple[list, int]:
+    """`data.agreed_bad` with the processes of this run agreeing (`process_counts`):
+    `(this share's bad records, all shares' count)`."""
+    agree = process_counts if jax.process_count() > 1 else None
+    return data_lib.agreed_bad(batch, source, mode, agree)

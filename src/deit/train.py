@@ -32,10 +32,10 @@ from deit import budget as budget_lib
 from deit import configs, diskspace, export, parallel
 from deit import data as data_lib
 from deit import evaluate as eval_lib
-from deit.augment import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
 from deit.checkpoint import Checkpoints, abstract_like, least_free, state_bytes
 from deit.compiler import compiler_options
 from deit.configs import TrainConfig
+from deit.data.device import ErasingConfig, MixupConfig, mixup_cutmix, normalize, random_erasing
 from deit.errors import InputError
 from deit.evaluate import make_eval_step
 from deit.losses import LossConfig, deit_loss

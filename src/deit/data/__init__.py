@@ -6,6 +6,8 @@
 - `shards`: ArrayRecord shards, packed from a folder and read back (`ShardSource`).
 - `subset`: a stratified labelled fraction of a training split (`Subset`).
 - `survey`: a data set's image count and typical size, for the `small` recipe.
+- `host`, `randaugment`: the per-image work of grain's workers (decode, crop, flip, RandAugment).
+- `device`: the batch ops inside the jitted step (normalise, erasing, mixup/cutmix), their configs.
 - `pipeline`: grain over a whole run, bad-image handling, `deit data check`.
 """
 
@@ -13,6 +15,7 @@ from deit.data.config import IMAGE_SUFFIXES, DataConfig, cache_home, usable_core
 from deit.data.index import FolderSource, image_folder, index_folder
 from deit.data.pipeline import (
     Plan,
+    agreed_bad,
     check_images,
     epoch_order,
     eval_batches,
@@ -40,6 +43,7 @@ __all__ = [
     "ShardSource",
     "Source",
     "Subset",
+    "agreed_bad",
     "arrays",
     "cache_home",
     "check_images",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from deit.data.randaugment import RandAugment
 from deit.errors import InputError
-from deit.transforms import RandAugment
 from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 
 # torchvision's IMG_EXTENSIONS, and .gif.

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from deit.data.config import IMAGE_SUFFIXES, cache_home
+from deit.data.host import decode_image
 from deit.errors import InputError
-from deit.transforms import decode_image
 
 log = logging.getLogger("deit")
 

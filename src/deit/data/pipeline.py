@@ -22,7 +22,7 @@ import functools
 import logging
 import multiprocessing
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -34,6 +34,8 @@ import numpy as np
 
 from deit.data import index, shards, subset
 from deit.data.config import DataConfig
+from deit.data.host import eval_transform, train_transform, train_transform_encoded
+from deit.data.randaugment import RandAugment
 from deit.data.sources import (
     BadImageError,
     RecordSource,
@@ -44,7 +46,6 @@ from deit.data.sources import (
 )
 from deit.errors import InputError
 from deit.signals import ignore_in_worker
-from deit.transforms import RandAugment, eval_transform, train_transform, train_transform_encoded
 
 log = logging.getLogger("deit")
 
@@ -442,6 +443,33 @@ def take_bad(batch: dict[str, np.ndarray], source: Any, bad_images: str) -> list
             "lists every unreadable image"
         )
     return bad
+
+
+def agreed_bad(
+    batch: dict[str, np.ndarray],
+    source: Any,
+    bad_images: str,
+    agree: Callable[[int], Sequence[int]] | None = None,
+) -> tuple[list[int], int]:
+    """`take_bad` for one process of several: `(this share's bad records, all shares' count)`.
+
+    `agree(n)` returns every process's count given this one's `n` (a collective, e.g.
+    `parallel.process_counts`; None: this is the only process). Under "error" the processes count
+    together first and then all stop, rather than one stopping while the others wait in the next
+    step: the one that read the image names it, the others name that process."""
+    if agree is None:
+        skipped = take_bad(batch, source, bad_images)
+        return skipped, len(skipped)
+    skipped = take_bad(batch, source, "skip")
+    counts = np.asarray(agree(len(skipped)))
+    if bad_images == "error" and counts.sum():
+        if skipped:
+            take_bad({"bad": np.asarray(skipped)}, source, "error")  # raises, naming it
+        raise BadImageError(
+            f"process {int(np.argmax(counts > 0))} read an unreadable image (its own message names "
+            "it); stopped where it was read (the checkpoints written so far are kept)"
+        )
+    return skipped, int(counts.sum())
 
 
 def _check_chunk(source: Any, lo: int, hi: int) -> list[tuple[str, str]]:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from deit.data.host import decode_image
 from deit.data.index import OPEN_LOCK, FolderSource, image_folder
 from deit.errors import InputError
-from deit.transforms import decode_image
 
 log = logging.getLogger("deit")
 

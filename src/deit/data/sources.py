@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deit.data.host import decode_image
 from deit.errors import InputError
-from deit.transforms import decode_image
 
 # The built-in set: scikit-learn's digits, 1,797 8x8 grey images of 10 classes, split once,
 # stratified, 80/20 with this seed: 1,437 train / 360 val images.
