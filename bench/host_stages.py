@@ -9,7 +9,7 @@ clock, so other processes on a shared machine change little. On ImageNet-shaped 
 with DeiT's training augmentation (random-resized crop, flip, RandAugment rand-m9-mstd0.5-inc1):
 
 1. The stage table: ms per image of each stage of the old path (`bench/transforms_before.py`, the
-   package before issue 27) and of the new one (`deit.transforms.train_transform_encoded`): file
+   package before issue 27) and of the new one (`deit.data.host.train_transform_encoded`): file
    read, header + crop draw, JPEG decode, crop + resize, flip, RandAugment (and each of its ops
    at m9), conversion to numpy, batching, the copies through grain's shared memory, and
    `jax.device_put` of a batch to the default device (the GPU on a GPU host).
@@ -48,7 +48,8 @@ BENCH = Path(__file__).resolve().parent
 if (BENCH.parent / "src" / "deit").is_dir():  # this checkout's package, installed or not
     sys.path.insert(0, str(BENCH.parent / "src"))
 
-from deit import transforms as new  # noqa: E402
+from deit.data import host as new  # noqa: E402
+from deit.data import randaugment  # noqa: E402
 
 
 def _bench_module(name: str) -> Any:
@@ -202,8 +203,13 @@ def stage_rows(d: Data, rounds: int) -> list[dict[str, Any]]:
     # each op at m9 when applied; a RandAugment image applies 2 x 0.5 = 1 op on average, each
     # of the 15 with probability 1/15
     for name in d.ra_new.ops:
-        op = new._OPS[name]
-        add("op", name, lambda i, op=op: op(d.crop_pils[i], 0.9, d.rng(i), d.ra_new), 1 / 15)
+        op = randaugment._OPS[name]
+        add(
+            "op",
+            name,
+            lambda i, op=op: op(d.crop_pils[i], 0.9, d.rng(i).choice((-1.0, 1.0)), d.ra_new),
+            1 / 15,
+        )
     batch = np.stack(d.crops[: min(n, 64)])
     b = len(batch)
     add(
