@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,10 +238,9 @@ def make_decoder() -> Decoder:
             return NvImageCodecDecoder()
         except Exception as e:  # a broken install: the run goes on, decoding on the host
             reason = f"nvImageCodec failed to start ({type(e).__name__}: {e})"
-    warnings.warn(
+    log.warning(
         f"data.decode gpu: {reason}; JPEGs are decoded on the host (simplejpeg) and cropped, "
-        "flipped and augmented on the device",
-        stacklevel=2,
+        "flipped and augmented on the device"
     )
     return HostDecoder()
 

@@ -22,7 +22,6 @@ import functools
 import logging
 import multiprocessing
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -445,10 +444,9 @@ def gpu_path(train: Any, cfg: DataConfig) -> bool:
         return False
     gpu.check_config(cfg)
     if getattr(train, "prepared", False) or len(train) == 0 or encoded(train, 0) is None:
-        warnings.warn(
+        log.warning(
             "data.decode gpu needs encoded image files (a folder or shards); this data set holds "
-            "decoded images, which take the host path",
-            stacklevel=3,
+            "decoded images, which take the host path"
         )
         return False
     return True
