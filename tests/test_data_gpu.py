@@ -273,3 +273,20 @@ def test_gpu_path_config_checks():
 def test_buckets():
     assert gpu.bucket(1) == 256 and gpu.bucket(500) == 512 and gpu.bucket(513) == 768
     assert gpu.bucket(9000) == 9216
+
+
+@pytest.mark.slow
+def test_deit_train_on_the_gpu_path_meets_bad_images(jpeg_folder, tmp_path, capsys):
+    """`deit train --data.decode gpu` end to end on the CPU: a truncated JPEG stops the run with
+    the host path's one-line error, and under `--bad-images skip` the run completes."""
+    from deit import cli
+
+    _corrupt(jpeg_folder / "train" / "a" / "3.jpg")
+    args = ["train", "--data", str(jpeg_folder), "--model", "deit_test_patch4_32"]
+    args += ["--recipe", "imagenet", "--img-size", "16", "--distillation", "none", "--epochs", "1"]
+    args += ["--workers", "0", "--batch-size", "8", "--data.decode", "gpu", "--data.repeats", "1"]
+    args += ["--progress", "none"]
+    assert cli.main([*args, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deit train: error: cannot decode image ") and "3.jpg" in err
+    assert cli.main([*args, "--output", str(tmp_path / "b"), "--bad-images", "skip"]) == 0
