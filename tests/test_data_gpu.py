@@ -247,7 +247,7 @@ def test_gpu_path_bad_image_skip_matches_the_host_path(jpeg_folder):
 def test_gpu_path_warns_and_falls_back_without_nvimgcodec(jpeg_folder, caplog):
     train, _ = data.image_folder(jpeg_folder)
     with caplog.at_level(logging.WARNING, logger="deit"):
-        stage = gpu.DeviceStage(_cfg(decode="gpu"), train)
+        stage = gpu.DeviceStage(_cfg(decode="gpu"), train, train.name)
     assert isinstance(stage.decoder, gpu.HostDecoder)
     (line,) = [r.getMessage() for r in caplog.records]
     assert "nvImageCodec is not installed" in line and "decoded on the host (simplejpeg)" in line

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from deit.data.config import DataConfig
 from deit.data.device_augment import OP_ARGS, augment_batch
 from deit.data.host import _DECODE_ERRORS, _decode_error, decode_image, random_resized_crop_box
 from deit.data.randaugment import RandAugment, op_args
+from deit.data.sources import BadImageError
 from deit.errors import InputError
 
 log = logging.getLogger("deit")
@@ -253,9 +255,17 @@ class DeviceStage:
     """Turns a worker's packed batch into the host path's batch, `{"image": uint8 (L, S, S, 3)
     on the device, "label", "mask", "bad"}`; other batches (evaluation) pass through."""
 
-    def __init__(self, cfg: DataConfig, source: Any, decoder: Decoder | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        source: Any,
+        encoded: Callable[[int], bytes | str | None],
+        decoder: Decoder | None = None,
+    ) -> None:
+        """`encoded(i)`: record `i`'s encoded file, bytes or a path (`pipeline.encoded`)."""
         self.cfg = cfg
         self.source = source
+        self.encoded = encoded
         self.ra = RandAugment.from_string(cfg.randaugment) if cfg.randaugment else None
         self.decoder = decoder or make_decoder()
         self._host = decoder if isinstance(decoder, HostDecoder) else None
@@ -312,13 +322,11 @@ class DeviceStage:
     def _substitute(self, record: int, seed: np.ndarray) -> tuple:
         """The next readable record after `record`, decoded on the host, with the draws of
         `seed` (what `pipeline._MakeBatch._read` does on the host path)."""
-        from deit.data.pipeline import encoded  # the pipeline imports this module
-
         n = len(self.source)
         for k in range(1, min(MAX_SUBSTITUTES, n)):
             j = (record + k) % n
             try:
-                raw = read_bytes(encoded(self.source, j))
+                raw = read_bytes(self.encoded(j))
                 h, w, _ = header(raw, self.source.name(j))
                 image = decode_image(raw)
             except ValueError:
@@ -326,8 +334,6 @@ class DeviceStage:
             rng = np.random.default_rng([int(s) for s in seed])
             d = draw_train(h, w, rng, self.cfg, self.ra)
             return image, int(self.source.labels[j]), (d.box, d.flip, d.op, d.arg)
-        from deit.data.sources import BadImageError
-
         raise BadImageError(
             f"{min(MAX_SUBSTITUTES, n)} consecutive records from {self.source.name(record)} "
             "cannot be decoded; expected mostly readable images (run deit data check on the folder)"

@@ -433,7 +433,7 @@ def run_batches(
     fn = _MakeBatch(plan, train, val, cfg, on_gpu)
     # Prepared records (synthetic) need no per-image work: worker processes would only copy them.
     workers = 0 if getattr(train, "prepared", False) else cfg.num_workers
-    stage = gpu.DeviceStage(cfg, train) if on_gpu else None
+    stage = gpu.DeviceStage(cfg, train, functools.partial(encoded, train)) if on_gpu else None
     return Batches(fn, plan.position(start_step), workers, labelled, stage)
 
 
