@@ -241,12 +241,27 @@ def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False, min_size: int = 
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, _fsdp_spec(x, n, min_size)), state)
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's part of the global batch -> global arrays sharded along `data`."""
+def put_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's part of the global batch -> global arrays sharded along `data`. Parts
+    already on a device (the GPU input path's images) are resharded there, not via the host."""
     sharding = data_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    return {k: _put(v, sharding) for k, v in batch.items()}
+
+
+def _put(local: Any, sharding: NamedSharding) -> jax.Array:
+    if not isinstance(local, jax.Array):
+        return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    # process-major mesh: this process's rows start at process_index * local rows
+    rows = local.shape[0]
+    shape = (rows * jax.process_count(), *local.shape[1:])
+    first = jax.process_index() * rows
+    parts = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        lo, hi, _ = index[0].indices(shape[0])
+        parts.append(jax.device_put(local[lo - first : hi - first], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, parts)
 
 
 def process_counts(n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from deit.variants import IMAGENET_MEAN, IMAGENET_STD
 # torchvision's IMG_EXTENSIONS, and .gif.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BAD_IMAGES = ("error", "skip")
+DECODE = ("host", "gpu")
 # More worker processes than this many per usable core only add start-up time and memory.
 MAX_WORKERS_PER_CORE = 4
 
@@ -59,6 +60,11 @@ class DataConfig:
     """Decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when its random-resized
     crop is at least that many times the training size: the same crops, faster on large photos;
     False: always decode whole (then every image is bit-identical to decode-then-crop)."""
+    decode: Literal["host", "gpu"] = "host"
+    """Where training images are decoded and augmented: "host" (grain's workers: decode, crop,
+    flip, RandAugment on the CPU) or "gpu" (workers only read the files and draw the same
+    augmentation; nvImageCodec decodes on the GPU, else the host with a warning, and the crop,
+    flip and RandAugment run on the device: docs/gpu_input.md)."""
     crop_pct: float = 0.875
     """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
     interpolation: Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"] = (
@@ -108,6 +114,8 @@ class DataConfig:
                     f"workers {self.workers}; expected 0 (decode in this process) to {most} "
                     f"({MAX_WORKERS_PER_CORE} per usable core), or leave it unset for one per core"
                 )
+        if self.decode not in DECODE:
+            raise InputError(f"decode {self.decode!r}; expected 'host' or 'gpu'")
         if self.bad_images not in BAD_IMAGES:
             raise InputError(f"bad_images {self.bad_images!r}; expected 'error' or 'skip'")
         if not 0.0 < self.label_fraction <= 1.0:

@@ -32,7 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from deit.data import index, shards, subset
+from deit.data import gpu, index, shards, subset
 from deit.data.config import DataConfig
 from deit.data.host import eval_transform, train_transform, train_transform_encoded
 from deit.data.randaugment import RandAugment
@@ -181,6 +181,8 @@ class _MakeBatch:
     train: Any
     val: Any
     cfg: DataConfig
+    gpu: bool = False
+    """Training batches for the GPU path: bytes and draws (`data.gpu`), not images."""
 
     @functools.cached_property
     def randaugment(self) -> RandAugment | None:
@@ -230,8 +232,45 @@ class _MakeBatch:
             return train_transform_encoded(data, rng, size, dct=self.cfg.decode_scaling, **kw)
         return train_transform(source.load(i), np.random.default_rng(seed), size, **kw)
 
+    def _draw(self, source: Any, i: int, seed: list[int]) -> tuple:
+        """The GPU path's worker part (`data.gpu`): record `i`'s bytes, header size and draws."""
+        raw = gpu.read_bytes(encoded(source, i))
+        size = gpu.header(raw, source.name(i))
+        rng = np.random.default_rng(seed)
+        return raw, size, gpu.draw_train(size[0], size[1], rng, self.cfg, self.randaugment)
+
+    def _gpu_train(self, epoch: int, j: int) -> dict[str, np.ndarray]:
+        p = self.plan
+        lo = p.process_index * p.local
+        order = _cached_order(p.train_size, epoch, p.seed, p.global_batch, p.repeats)
+        raws, sizes, draws, seeds, records, labels, bad = [], [], [], [], [], [], []
+        for slot in range(lo, lo + p.local):
+            seed = [p.seed, epoch, j * p.global_batch + slot]
+            i = int(order[j, slot])
+            got, label, b = self._read(self.train, i, functools.partial(self._draw, seed=seed))
+            if got is None:  # unreadable under "error": an empty slot, marked
+                got = (
+                    b"",
+                    (0, 0, False),
+                    gpu.draw_train(1, 1, np.random.default_rng(0), self.cfg, None),
+                )
+            raws.append(got[0])
+            sizes.append(got[1])
+            draws.append(got[2])
+            seeds.append(seed)
+            records.append(i)
+            labels.append(label)
+            bad.append(b)
+        batch = gpu.pack(raws, draws, sizes, seeds, records)
+        batch["label"] = np.asarray(labels, np.int32)
+        batch["mask"] = np.ones(len(labels), np.float32)
+        batch["bad"] = np.asarray(bad, np.int32)
+        return batch
+
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         kind, epoch, j = self.plan.element(int(k))
+        if kind == "train" and self.gpu:
+            return self._gpu_train(epoch, j)
         p, size = self.plan, self.cfg.img_size
         lo = p.process_index * p.local
         blank = np.zeros((size, size, 3), np.uint8)
@@ -289,8 +328,16 @@ class Batches:
     `close()` stops them (also before the first batch, and when used as a context manager);
     `close(now=True)` kills them first instead of waiting for their current batches."""
 
-    def __init__(self, fn: _MakeBatch, start: int, workers: int, labelled: bool = True) -> None:
+    def __init__(
+        self,
+        fn: _MakeBatch,
+        start: int,
+        workers: int,
+        labelled: bool = True,
+        stage: Callable[[dict], dict] | None = None,
+    ) -> None:
         self.plan = fn.plan
+        self._stage = stage
         self._others = set(multiprocessing.active_children())  # processes not ours to kill
         self._k = start
         self._labelled = labelled
@@ -328,6 +375,8 @@ class Batches:
             # Copies out of the workers' shared memory, which is then released at once rather
             # than whenever the last view of it is collected.
             batch = {k: np.array(v) for k, v in batch.items()}
+        if self._stage is not None:
+            batch = self._stage(batch)  # the GPU path: decode and augment on the device
         return (kind, epoch, batch) if self._labelled else batch
 
     def close(self, now: bool = False) -> None:
@@ -380,10 +429,27 @@ def run_batches(
         process_index,
         process_count,
     )
-    fn = _MakeBatch(plan, train, val, cfg)
+    on_gpu = gpu_path(train, cfg)
+    fn = _MakeBatch(plan, train, val, cfg, on_gpu)
     # Prepared records (synthetic) need no per-image work: worker processes would only copy them.
     workers = 0 if getattr(train, "prepared", False) else cfg.num_workers
-    return Batches(fn, plan.position(start_step), workers, labelled)
+    stage = gpu.DeviceStage(cfg, train, functools.partial(encoded, train)) if on_gpu else None
+    return Batches(fn, plan.position(start_step), workers, labelled, stage)
+
+
+def gpu_path(train: Any, cfg: DataConfig) -> bool:
+    """Whether training batches take the GPU path: `cfg.decode == "gpu"` and a source of encoded
+    files (decoded arrays, the digits and synthetic images take the host path, with a warning)."""
+    if cfg.decode != "gpu":
+        return False
+    gpu.check_config(cfg)
+    if getattr(train, "prepared", False) or len(train) == 0 or encoded(train, 0) is None:
+        log.warning(
+            "data.decode gpu needs encoded image files (a folder or shards); this data set holds "
+            "decoded images, which take the host path"
+        )
+        return False
+    return True
 
 
 def train_batches(

@@ -127,6 +127,48 @@ RAND_INCREASING_TRANSFORMS = (
 )
 
 
+def _rotation(degrees: float, w: int, h: int) -> tuple[float, ...]:
+    """The inverse affine matrix `Image.rotate(degrees)` hands to `transform` (no expand)."""
+    if degrees % 360.0 == 0.0:
+        return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # Pillow copies the image
+    angle = -math.radians(degrees % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    cx, cy = w / 2.0, h / 2.0
+    return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+
+
+def op_args(name: str, level: float, sign: float, ra: RandAugment, size: tuple[int, int]):
+    """What op `name` at `level` (magnitude / 10) and `sign` hands Pillow on an image of `size`
+    `(w, h)`, in double precision: the affine matrix of a geometric op (6 numbers), else its one
+    number (bits mask, threshold, addend or enhance factor). The GPU path ships these."""
+    w, h = size
+    if name == "Rotate":
+        return _rotation(sign * 30.0 * level, w, h)
+    if name in ("ShearX", "ShearY"):
+        v = sign * level * 0.3
+        return (1.0, v, 0.0, 0.0, 1.0, 0.0) if name == "ShearX" else (1.0, 0.0, 0.0, v, 1.0, 0.0)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        v = sign * level * ra.translate_pct
+        if name == "TranslateXRel":
+            return (1.0, 0.0, v * w, 0.0, 1.0, 0.0)
+        return (1.0, 0.0, 0.0, 0.0, 1.0, v * h)
+    if name.startswith("Posterize"):
+        bits = int(4 * level)
+        bits = 4 - bits if name.endswith("Increasing") else bits
+        return ((0xFF << (8 - bits)) & 0xFF,)
+    if name.startswith("SolarizeAdd"):
+        return (int(110 * level),)
+    if name.startswith("Solarize"):
+        thresh = int(256 * level)
+        return (256 - thresh if name.endswith("Increasing") else thresh,)
+    if name.endswith("Increasing"):
+        return (max(0.1, 1.0 + sign * 0.9 * level),)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return (1.8 * level + 0.1,)
+    return ()
+
+
 # Ops whose argument flips sign with probability 1/2 (timm's `_randomly_negate`).
 SIGNED = frozenset(
     (
