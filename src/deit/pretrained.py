@@ -474,7 +474,10 @@ def clear_cache(name: str | None = None) -> list[Path]:
         weights(name)
     removed = []
     for path, _ in cache_entries():
-        if name is None or path.name.startswith(name + "-") or name in path.parts:
+        # Downloads are `NAME-<hash>.pth`; converted folders `NAME/<source>`, and a URL's or a
+        # file's copy `NAME-<hash>/url` or `NAME/file-<key>`.
+        parts = path.relative_to(cache_home()).parts[1:2]
+        if name is None or any(p == name or p.startswith(name + "-") for p in parts):
             if path.is_dir():
                 shutil.rmtree(path)
             else:
