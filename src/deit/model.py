@@ -348,9 +348,8 @@ def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0
     `pos_embed (1, prefix + N_src, D)` is resampled to `dst.grid` (bicubic on the patch grid,
     the cls/dist rows kept as they are, none in DeiT III's; `model.resample_pos_embed`), and the
     heads are freshly initialised from `rng` when the class count differs; everything else is
-    copied. This is what
-    the official `main.py --finetune` does: it interpolates the position embedding and drops
-    `head` / `head_dist` of the wrong shape.
+    copied. This is what the official `main.py --finetune` does: it interpolates the position
+    embedding and drops `head` / `head_dist` of the wrong shape.
     """
     fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "distilled")
     fields += ("with_dist_head", "init_values", "no_embed_class")
