@@ -12,6 +12,9 @@ DeiT III: timm's `blocks.{i}.ls1.gamma` / `ls2.gamma` are our `blocks_{i}/ls1/ga
 official `deit_3_*.pth` files (`models_v2.py`) name them `blocks.{i}.gamma_1` / `gamma_2` and are
 otherwise timm's layout, so they are renamed first (`official_v2_to_timm`). Their `pos_embed`
 has no prefix rows, which the file shows by its square patch count.
+
+Over 400 lines: the key tables of the three layouts and the whole-file conversion share the same
+private maps, and splitting them would make a module of tables that every other one imports.
 """
 
 from __future__ import annotations
