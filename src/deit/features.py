@@ -14,6 +14,7 @@ float32. Images are `(B, H, W, C)` or one `(H, W, C)`, normalised, as `DeiT.__ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -52,10 +53,13 @@ def take_indices(depth: int, indices: int | Sequence[int] | None) -> tuple[int, 
     return tuple(taken)
 
 
+@partial(jax.jit, static_argnums=(0, 3, 4))
 def _run(
-    model: DeiT, variables: dict, images: jax.Array, blocks: Sequence[int]
+    model: DeiT, params: dict, images: jax.Array, blocks: tuple[int, ...], norm: bool = False
 ) -> tuple[jax.Array, list[jax.Array]]:
-    """`(final-norm tokens (B, T, D), [block i's output tokens (B, T, D) for i in blocks])`."""
+    """`(final-norm tokens (B, T, D), [block i's output tokens (B, T, D) for i in blocks])`,
+    float32; with `norm=True` the blocks' tokens pass through the final norm too. Compiled once
+    per model, blocks and input shape (a plain call inside a caller's `jit`)."""
     wanted = {"norm", *(f"blocks_{i}" for i in blocks)}
 
     def keep(module: Any, method: str) -> bool:
@@ -64,13 +68,15 @@ def _run(
 
     # remat=False: the capture filter looks at `Block` itself, not its rematerialised wrapper.
     _, state = model.clone(remat=False).apply(
-        {"params": variables["params"]},
-        images,
-        capture_intermediates=keep,
-        mutable=["intermediates"],
+        {"params": params}, images, capture_intermediates=keep, mutable=["intermediates"]
     )
     got = state["intermediates"]
-    return got["norm"]["__call__"][0], [got[f"blocks_{i}"]["__call__"][0] for i in blocks]
+    taken = [got[f"blocks_{i}"]["__call__"][0] for i in blocks]
+    if norm:
+        final_norm = layer_norm("norm", model.dtype)
+        taken = [final_norm.apply({"params": params["norm"]}, y) for y in taken]
+    f32 = lambda y: y.astype(jnp.float32)
+    return f32(got["norm"]["__call__"][0]), [f32(y) for y in taken]
 
 
 def _batched(images: jax.Array | Any) -> tuple[jax.Array, bool]:
@@ -82,8 +88,7 @@ def forward_features(model: DeiT, variables: dict, images: jax.Array) -> jax.Arr
     """The final-norm tokens `(B, T, D)`, `T = prefix + N` (token 0 CLS, token 1 DIST for a
     distilled model, then the patches row by row): timm's `forward_features`."""
     x, single = _batched(images)
-    tokens, _ = _run(model, variables, x, ())
-    tokens = tokens.astype(jnp.float32)
+    tokens, _ = _run(model, variables["params"], x, ())
     return tokens[0] if single else tokens
 
 
@@ -106,14 +111,17 @@ def forward_head(
         return x.astype(jnp.float32)
     if model.num_classes == 0:
         raise InputError("the model has no heads (num_classes 0); expected pre_logits=True")
-    params = variables["params"]
+    return _heads(model, variables["params"], features)
 
+
+@partial(jax.jit, static_argnums=0)
+def _heads(model: DeiT, params: dict, features: jax.Array) -> jax.Array:
     def head(name: str, token: jax.Array) -> jax.Array:
         layer = dense(model.num_classes, name, model.dtype)
         return layer.apply({"params": params[name]}, token.astype(model.dtype))
 
     logits = head("cls_head", features[..., 0, :])
-    if both:
+    if model.distilled and model.with_dist_head:
         logits = (logits + head("dist_head", features[..., 1, :])) / 2
     return logits.astype(jnp.float32)
 
@@ -151,22 +159,17 @@ def forward_intermediates(
         raise InputError(f"output_fmt {output_fmt!r}; expected one of {_FORMATS}")
     blocks = take_indices(model.depth, indices)
     x, single = _batched(images)
-    final, taken = _run(model, variables, x, blocks)
-    if norm:
-        final_norm = layer_norm("norm", model.dtype)
-        taken = [final_norm.apply({"params": variables["params"]["norm"]}, y) for y in taken]
+    final, taken = _run(model, variables["params"], x, blocks, norm)
     r = model.num_prefix_tokens
     gh, gw = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
     maps = []
     for y in taken:
-        y = y.astype(jnp.float32)
         spatial = y[:, r:]
         if output_fmt != "NLC":
             spatial = spatial.reshape(y.shape[0], gh, gw, y.shape[-1])
         if output_fmt == "NCHW":
             spatial = spatial.transpose(0, 3, 1, 2)
         maps.append((spatial, y[:, :r]) if return_prefix_tokens else spatial)
-    final = final.astype(jnp.float32)
     if single:
         maps = jax.tree_util.tree_map(lambda a: a[0], maps)
         final = final[0]
