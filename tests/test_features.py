@@ -177,6 +177,11 @@ def test_bad_format_and_headless_logits_are_one_line_errors():
         forward_intermediates(model, variables, x, output_fmt="NWHC")
     with pytest.raises(ValueError, match=r"block index 1 is out of range; expected -1 to 0"):
         forward_intermediates(model, variables, x, [1])
+    with pytest.raises(ValueError) as bad_size:
+        forward_features(model.clone(dynamic_img_size=True), variables, np.zeros((1, 6, 8, 3)))
+    assert str(bad_size.value) == (
+        "image is 6x8, not divisible by patch_size 4; expected sides that are multiples of 4"
+    )
     tokens = forward_features(model, variables, x)
     assert tokens.shape == (1, 2 + 4, 8)
     with pytest.raises(ValueError, match="no heads"):

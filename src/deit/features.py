@@ -79,15 +79,18 @@ def _run(
     return f32(got["norm"]["__call__"][0]), [f32(y) for y in taken]
 
 
-def _batched(images: jax.Array | Any) -> tuple[jax.Array, bool]:
+def _batched(model: DeiT, images: jax.Array | Any) -> tuple[jax.Array, bool]:
+    """`(B, H, W, C)` images and whether one `(H, W, C)` image came. Checked here, outside
+    `_run`'s `jit`, so a bad shape is the model's one-line error without JAX's traceback note."""
     images = jnp.asarray(images)
-    return (images[None], True) if images.ndim == 3 else (images, False)
+    single = model._check_input(images)
+    return (images[None], True) if single else (images, False)
 
 
 def forward_features(model: DeiT, variables: dict, images: jax.Array) -> jax.Array:
     """The final-norm tokens `(B, T, D)`, `T = prefix + N` (token 0 CLS, token 1 DIST for a
     distilled model, then the patches row by row): timm's `forward_features`."""
-    x, single = _batched(images)
+    x, single = _batched(model, images)
     tokens, _ = _run(model, variables["params"], x, ())
     return tokens[0] if single else tokens
 
@@ -158,7 +161,7 @@ def forward_intermediates(
     if output_fmt not in _FORMATS:
         raise InputError(f"output_fmt {output_fmt!r}; expected one of {_FORMATS}")
     blocks = take_indices(model.depth, indices)
-    x, single = _batched(images)
+    x, single = _batched(model, images)
     final, taken = _run(model, variables["params"], x, blocks, norm)
     r = model.num_prefix_tokens
     gh, gw = x.shape[1] // model.patch_size, x.shape[2] // model.patch_size
