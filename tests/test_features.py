@@ -61,9 +61,9 @@ def _pair(distilled: bool) -> tuple[torch.nn.Module, DeiT, dict]:
     return ref, model, {"params": convert.from_torch(sd, model)}
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["distilled", "plain"])
-def pair(request):
-    return _pair(request.param)
+@pytest.fixture(scope="module")
+def pairs():
+    return {True: _pair(True), False: _pair(False)}
 
 
 def _images(hw: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -78,8 +78,9 @@ def _close(ours, ref) -> None:
 
 
 @pytest.mark.parametrize("hw", SIZES)
-def test_features_pre_logits_and_head_match_timm(pair, hw):
-    ref, model, variables = pair
+@pytest.mark.parametrize("distilled", [True, False], ids=["distilled", "plain"])
+def test_features_pre_logits_and_head_match_timm(pairs, distilled, hw):
+    ref, model, variables = pairs[distilled]
     xt, xj = _images(hw)
     with torch.no_grad():
         tokens = ref.forward_features(xt)
@@ -94,16 +95,17 @@ def test_features_pre_logits_and_head_match_timm(pair, hw):
 
 
 @pytest.mark.parametrize(
-    ("indices", "norm", "fmt", "prefix", "only"),
+    ("distilled", "indices", "norm", "fmt", "prefix", "only"),
     [
-        (None, False, "NCHW", False, False),
-        (2, True, "NCHW", True, False),
-        ([0, -1], True, "NHWC", False, True),
-        ((1,), False, "NLC", True, True),
+        (True, None, False, "NCHW", False, False),
+        (True, 2, True, "NCHW", True, False),
+        (True, [0, -1], True, "NHWC", False, True),
+        (False, (1,), False, "NLC", True, True),
+        (False, [-2, 2], True, "NCHW", True, False),
     ],
 )
-def test_forward_intermediates_match_timm(pair, indices, norm, fmt, prefix, only):
-    ref, model, variables = pair
+def test_forward_intermediates_match_timm(pairs, distilled, indices, norm, fmt, prefix, only):
+    ref, model, variables = pairs[distilled]
     xt, xj = _images((24, 40))
     with torch.no_grad():
         want = ref.forward_intermediates(
@@ -142,8 +144,8 @@ def test_forward_intermediates_match_timm(pair, indices, norm, fmt, prefix, only
         assert spatial.shape[1:3] == ((24 // 4, 40 // 4) if fmt == "NHWC" else (32, 24 // 4))
 
 
-def test_intermediates_under_jit_equal_eager():
-    _, model, variables = _pair(True)
+def test_intermediates_under_jit_equal_eager(pairs):
+    _, model, variables = pairs[True]
     _, xj = _images((32, 32))
     run = jax.jit(lambda v, x: forward_intermediates(model, v, x, [-1], intermediates_only=True))
     np.testing.assert_allclose(
