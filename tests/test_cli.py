@@ -216,3 +216,16 @@ def test_a_full_disk_line_starts_a_line_of_its_own(error, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [ln for ln in lines if ln.startswith("deit train: error:")] == [lines[-1]]
     assert "/run/checkpoints/26" in lines[-1]
+
+
+def test_predict_features_from_the_cli(tmp_path, capsys):
+    model = deit.create_model("deit_test_patch4_32")
+    deit.export.save_model(tmp_path / "m", model, {"params": deit.init_params(model, 0)})
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "f.npy"
+    args = ["predict", "--checkpoint", str(tmp_path / "m"), "--features"]
+    assert cli.main([*args, str(out), str(tmp_path)]) == 0
+    assert np.load(out).shape == (1, model.embed_dim)
+    assert f"wrote pre-logits (1, {model.embed_dim}) to {out}" in capsys.readouterr().out
+    assert cli.main([*args, str(tmp_path / "f.bin"), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("expected a file name ending in .npy")

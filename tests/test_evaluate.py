@@ -140,6 +140,37 @@ def test_predict_is_the_model_on_the_exported_preprocessing(tmp_path):
         np.testing.assert_allclose([q for _, q in row], np.sort(p)[::-1][:3], rtol=1e-5)
 
 
+def test_predict_features_saves_pre_logits_of_a_folder_in_order(tmp_path, capsys):
+    """Three images in a folder (one in a subfolder), batches of two (the last one padded): the
+    rows are `features.pre_logits` of the exported preprocessing's inputs, in the order written
+    beside them, and the bar counts the images."""
+    from deit.features import pre_logits
+
+    model = deit.create_model("deit_test_distilled_patch4_32")
+    variables = {"params": deit.init_params(model, 0)}
+    prep = Preprocessing(32, (0.5,) * 3, (0.25,) * 3, crop_pct=1.0, interpolation="bilinear")
+    export.save_model(tmp_path / "m", model, variables, **prep.to_config())
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(3)]
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    paths = [folder / "a.png", folder / "b.png", folder / "sub" / "c.png"]
+    for path, image in zip(paths, images, strict=True):
+        Image.fromarray(image).save(path)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "feats" / "f.npy"
+    got = evaluate.predict_features(tmp_path / "m", [folder], out, batch_size=2, progress="bars")
+    want = pre_logits(model, variables, prep.inputs(images))
+    assert got.shape == (3, model.embed_dim) and got.dtype == np.float32
+    np.testing.assert_allclose(np.load(out), want, atol=1e-5)
+    assert out.with_suffix(".txt").read_text().split() == [str(p) for p in paths]
+    assert "3/3" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--features f.bin; expected a file name ending in"):
+        evaluate.predict_features(tmp_path / "m", [folder], "f.bin")
+    with pytest.raises(ValueError, match=r"holds no images; expected files ending in .jpg"):
+        evaluate.predict_features(tmp_path / "m", [folder / "sub" / ".." / ".." / "feats"], out)
+
+
 def test_preprocessing_normalises_exactly_as_training_does():
     """`Preprocessing.normalize` writes out `augment.normalize` (the registry cannot import it):
     the same float32 values, so evaluation sees what training's validation saw."""

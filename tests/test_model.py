@@ -407,3 +407,90 @@ def test_attention_kernel_is_chosen_by_backend_and_refused_where_it_cannot_run(m
     monkeypatch.setenv("DEIT_ATTENTION", "cudnn")
     with pytest.raises(InputError, match="got cpu, bfloat16"):
         attention_kernel(jnp.bfloat16, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any input size (`dynamic_img_size=True`) against timm's
+
+
+def _perturbed_timm(distilled: bool) -> torch.nn.Module:
+    """timm's tiny DeiT (the `deit_test_*` shapes) with `dynamic_img_size`, every tensor
+    perturbed so biases and tokens carry signal."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    ref = cls(
+        num_classes=10,
+        img_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        dynamic_img_size=True,
+    )
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    return ref.eval()
+
+
+@pytest.mark.parametrize("distilled", [True, False], ids=["distilled", "plain"])
+def test_dynamic_img_size_logits_match_timm_at_three_sizes(distilled):
+    """The model's own 32x32, 48x48 (the position embedding upsampled) and 24x40 (down one way,
+    up the other), fp32, within 1e-5 of timm's `dynamic_img_size=True` model; under `jit` each
+    size is traced once, and a repeated call at a size compiles nothing."""
+    from deit import convert
+
+    ref = _perturbed_timm(distilled)
+    name = "deit_test_distilled_patch4_32" if distilled else "deit_test_patch4_32"
+    model = deit.create_model(name, dynamic_img_size=True)
+    sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    variables = {"params": convert.from_torch(sd, model)}
+    traced = []
+
+    def logits(v, x):
+        traced.append(x.shape[1:3])
+        return model.apply(v, x).logits
+
+    run = jax.jit(logits)
+    sizes = [(32, 32), (48, 48), (24, 40)]
+    for h, w in sizes:
+        x = np.random.default_rng(h * w).normal(size=(2, 3, h, w)).astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x)).numpy()
+        xj = x.transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(run(variables, xj), want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(run(variables, xj + 0), want, rtol=0, atol=1e-5)
+    assert traced == sizes
+
+
+def test_dynamic_img_size_refuses_sides_not_divisible_by_the_patch(tiny):
+    model, params = tiny
+    dynamic = model.clone(dynamic_img_size=True)
+    with pytest.raises(ValueError, match=r"^image is 30x32, not divisible by patch_size 4; expect"):
+        dynamic.apply({"params": params}, jnp.zeros((1, 30, 32, 3)))
+    with pytest.raises(ValueError, match=r"^image is 2x8, not divisible by patch_size 4"):
+        dynamic.apply({"params": params}, jnp.zeros((2, 8, 3)))
+    # The default stays strict, and says how to lift it.
+    with pytest.raises(ValueError, match=r"built for 32x32; .* or with dynamic_img_size=True"):
+        model.apply({"params": params}, jnp.zeros((1, 48, 40, 3)))
+    assert dynamic.apply({"params": params}, jnp.zeros((48, 40, 3))).cls_logits.shape == (10,)
+
+
+def test_dynamic_pos_embed_over_patches_only_matches_timm():
+    """A position embedding without prefix rows (timm's `no_embed_class`, DeiT III): the row
+    count is read from its shape, and the grid is resampled as timm's does with no prefix."""
+    from timm.layers import resample_abs_pos_embed
+
+    model = DeiT(num_classes=4, img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2)
+    pe = np.random.default_rng(0).normal(size=(1, 16, 8)).astype(np.float32)
+    for hw in [(24, 40), (8, 12)]:
+        want = resample_abs_pos_embed(
+            torch.from_numpy(pe), (hw[0] // 4, hw[1] // 4), old_size=(4, 4), num_prefix_tokens=0
+        )
+        got = model._dynamic_pos_embed(jnp.asarray(pe), hw)
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(model._dynamic_pos_embed(jnp.asarray(pe), (16, 16)), pe)

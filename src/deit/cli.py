@@ -126,6 +126,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     checkpoint = _checkpoint(args)
     if checkpoint is None:
         raise InputError("no model given; expected --checkpoint DIR or --pretrained NAME")
+    if args.features:
+        from deit.evaluate import predict_features
+
+        out = Path(args.features)
+        feats = predict_features(checkpoint, args.images, out)
+        print(
+            f"wrote pre-logits {feats.shape} to {out} (its rows' images: {out.with_suffix('.txt')})"
+        )
+        return
     if args.top < 1:
         raise InputError(f"--top {args.top}; expected 1 or more classes to show")
     for path, top in zip(args.images, predict(checkpoint, args.images, args.top), strict=True):
@@ -246,7 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-5 classes of image files")
     _model_args(p)
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("images", nargs="+")
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="OUT.npy",
+        help="instead of classes, save the pre-logits (N, D) of the images (folders: every "
+        "image inside), rows in the order of OUT.txt",
+    )
+    p.add_argument("images", nargs="+", help="image files, or folders of them with --features")
     p = sub.add_parser("convert", help="timm/official/HF weights <-> a Flax model folder")
     p.add_argument("src", help=".pth/.pth.tar/.bin/.safetensors, or a model folder with --to timm")
     p.add_argument("--model", default=None, help="variant name (inferred when omitted)")

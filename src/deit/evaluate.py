@@ -1,7 +1,8 @@
 """Evaluation and prediction: top-1 / top-5 / cross-entropy of the class head, the distillation
 head and their average (the paper's Table 3 reports all three) over a whole validation set, for a
 run's weights (each epoch, `train.evaluate_state`), a teacher, or an exported model (`deit eval`,
-`evaluate_checkpoint`); and the top classes of image files (`deit predict`, `predict`).
+`evaluate_checkpoint`); the top classes of image files (`deit predict`, `predict`), and their
+pre-logits (`deit predict --features`, `predict_features`).
 
 An exported model (`pretrained.open_model`) sees images through its `variants.Preprocessing`:
 the eval transform in the data pipeline's workers (or `Preprocessing.crop` for files),
@@ -17,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from deit import data as data_lib
 from deit import parallel
@@ -24,8 +27,10 @@ from deit.augment import normalize
 from deit.class_names import class_names, is_imagenet
 from deit.compiler import compiler_options
 from deit.errors import InputError
-from deit.model import forward
+from deit.features import pre_logits
+from deit.model import DeiT, forward
 from deit.pretrained import open_model
+from deit.progress import Mode, RateColumn, resolve_mode
 from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 from deit.transforms import decode_image
@@ -333,3 +338,68 @@ def predict(
     k = min(top, probs.shape[-1])
     order = np.argsort(-probs, axis=-1)[:, :k]
     return [[(classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+
+def image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; a folder as every image under it (`IMAGE_SUFFIXES`, any depth, sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in data_lib.IMAGE_SUFFIXES
+            )
+            if not found:
+                raise InputError(
+                    f"folder {path} holds no images; expected files ending in "
+                    f"{', '.join(data_lib.IMAGE_SUFFIXES)}"
+                )
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def predict_features(
+    checkpoint: str | Path,
+    images: Iterable[str | Path],
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    progress: Mode = "auto",
+) -> np.ndarray:
+    """`deit predict --features OUT.npy`: the pre-logits `(N, D)` of image files and folders
+    (`image_files`), float32, one row per image in that order, saved to `out` with the images'
+    paths one per line beside it (`OUT.txt`). Pre-logits are what a head reads: the mean of the
+    CLS and DIST tokens for a distilled model, the CLS token otherwise (timm's
+    `forward_head(pre_logits=True)`, `features.pre_logits`). Batches are padded to `batch_size`
+    so one program serves them all; a progress bar on stderr counts the images."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise InputError(f"--features {out}; expected a file name ending in .npy")
+    if batch_size < 1:
+        raise InputError(f"batch_size {batch_size}; expected 1 or more")
+    files = image_files(images)
+    opened = open_model(checkpoint)
+    model, variables = opened.model, {"params": opened.variables["params"]}
+    if not isinstance(model, DeiT):
+        raise InputError(
+            f"{checkpoint} holds a {type(model).__name__}; features are a DeiT's pre-logits"
+        )
+    run = jax.jit(lambda v, x: pre_logits(model, v, x))
+    rows = []
+    columns = (BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    shown = resolve_mode(progress) == "bars"
+    with Progress("features", *columns, console=console, disable=not shown) as bar:
+        task = bar.add_task("features", total=len(files))
+        for lo in range(0, len(files), batch_size):
+            chunk = files[lo : lo + batch_size]
+            x = opened.preprocessing.inputs([decode_image(p) for p in chunk])
+            x = jnp.pad(x, ((0, batch_size - len(chunk)), (0, 0), (0, 0), (0, 0)))
+            rows.append(np.asarray(run(variables, x))[: len(chunk)])
+            bar.advance(task, len(chunk))
+    feats = np.concatenate(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, feats)
+    out.with_suffix(".txt").write_text("".join(f"{p}\n" for p in files))
+    return feats

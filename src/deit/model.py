@@ -65,6 +65,10 @@ class DeiT(nn.Module):
     (`pos_embed (1, N, D)`, patches only). `drop_path_schedule`: "linear" rises from 0 to
     `drop_path_rate` over the blocks (DeiT, timm); "uniform" gives every block `drop_path_rate`
     (DeiT III's official `dpr = [drop_path_rate] * depth`).
+
+    `dynamic_img_size=True` accepts any `H x W` whose sides divide by the patch size: the
+    position embedding, learned for `img_size`, is resampled to the input's grid on the fly
+    (timm's `dynamic_img_size`; `_dynamic_pos_embed`). Parameters are those of `img_size`.
     """
 
     num_classes: int = 1000
@@ -86,6 +90,7 @@ class DeiT(nn.Module):
     init_values: float | None = None
     no_embed_class: bool = False
     drop_path_schedule: Literal["linear", "uniform"] = "linear"
+    dynamic_img_size: bool = False
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -112,14 +117,15 @@ class DeiT(nn.Module):
         x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(
             x.astype(self.dtype)
         )
-        b, n, d = x.shape
+        b, _, d = x.shape
         # timm's DeiT init: cls_token N(0, 1e-6²); dist_token and pos_embed
         # `trunc_normal_(std=.02)`, in effect N(0, 0.02²) (see `layers.dense_init`).
         prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))]
         if self.distilled:
             prefix.append(self.param("dist_token", dense_init, (1, 1, d)))
-        pos_embed = self.param("pos_embed", dense_init, (1, n + self.pos_embed_prefix, d))
-        pos_embed = pos_embed.astype(x.dtype)
+        gh, gw = self.grid
+        pos_embed = self.param("pos_embed", dense_init, (1, gh * gw + self.pos_embed_prefix, d))
+        pos_embed = self._dynamic_pos_embed(pos_embed, images.shape[-3:-1]).astype(x.dtype)
         tokens = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
         if self.no_embed_class:  # DeiT III: positions for the patches, before the class token
             x = jnp.concatenate([*tokens, x + pos_embed], axis=1)
@@ -166,13 +172,32 @@ class DeiT(nn.Module):
             raise InputError(
                 f"images have {c} channels but the model expects {self.in_chans} (channels last)"
             )
-        if (h, w) != _pair(self.img_size):
+        p = self.patch_size
+        if self.dynamic_img_size and (h % p or w % p or h < p or w < p):
+            raise InputError(
+                f"image is {h}x{w}, not divisible by patch_size {p}; expected sides that are "
+                f"multiples of {p}"
+            )
+        if not self.dynamic_img_size and (h, w) != _pair(self.img_size):
             eh, ew = _pair(self.img_size)
             raise InputError(
                 f"image is {h}x{w} but the model was built for {eh}x{ew}; create it with "
-                f"img_size=({h}, {w}) (and resample_pos_embed for loaded weights)"
+                f"img_size=({h}, {w}) (and resample_pos_embed for loaded weights), or with "
+                "dynamic_img_size=True"
             )
         return images.ndim == 3
+
+    def _dynamic_pos_embed(self, pos_embed: jax.Array, hw: tuple[int, int]) -> jax.Array:
+        """`pos_embed (1, R + gh*gw, D)` for an `hw` image: unchanged on the model's own grid,
+        else resampled as timm's `VisionTransformer._pos_embed` does under `dynamic_img_size`
+        (`resample_abs_pos_embed`: bicubic, antialiased, the `R` prefix rows kept). `R` is read
+        from the shape, so a position embedding over the patches only (`R = 0`) works too.
+        Shapes are static, so under `jit` this is traced once per input size."""
+        new = (hw[0] // self.patch_size, hw[1] // self.patch_size)
+        if new == self.grid:
+            return pos_embed
+        rows = pos_embed.shape[1] - self.grid[0] * self.grid[1]
+        return resample_pos_embed(pos_embed, new, rows, old_grid=self.grid)
 
 
 def check_config(model: DeiT) -> None:
