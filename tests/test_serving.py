@@ -149,3 +149,13 @@ def test_safetensors_stays_the_default_format(tiny, tmp_path, capsys):
     assert config["classes"] == CLASSES
     x = batch(1)
     np.testing.assert_array_equal(model_logits(model, variables, x), model_logits(*tiny[1:], x))
+
+
+def test_the_latency_bench_table_and_defaults(bench_module):
+    bench = bench_module("serve_latency")
+    args = bench.parse(["--quick", "--batches", "1", "32"])
+    assert (args.rounds, args.min_seconds, args.batches) == (2, 0.5, [1, 32])
+    row = {"batch": 32, "case": "onnxruntime", "ms": 812.34, "img_per_s": 39.4}
+    result = {"model": "m", "cpu": "c", "threads": 1, "rounds": 2}
+    result["rows"] = [{**row, "vs_deit_jit": 0.8, "max_abs_diff": 2.5e-6}]
+    assert "| 32 | onnxruntime | 812.3 | 39.4 | 0.80x | 2.5e-06 |" in bench.table(result)
