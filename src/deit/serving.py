@@ -294,7 +294,13 @@ def open_artifact(folder: str | os.PathLike) -> Artifact:
     else:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(program), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # jax2onnx annotates some convolution outputs (a ResNet's) with NHWC shapes where they are
+        # NCHW; onnxruntime warns per tensor, then uses the shapes it infers: errors only, here.
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(
+            str(program), options, providers=["CPUExecutionProvider"]
+        )
         name = session.get_inputs()[0].name
 
         def run(x: np.ndarray) -> np.ndarray:
