@@ -5,9 +5,9 @@ Errors in what the user gave (a bad flag value, file or folder) print one line a
 Two command-line libraries, on purpose. `deit train` is parsed by tyro (`cli_train.py`): its
 flags are the whole typed config tree (well over a hundred dotted flags, each field's docstring
 its help, a recipe or config file as the defaults), which tyro derives from the dataclasses, so
-a new setting needs no wiring. The seven other subcommands (eval, predict, convert, visualize,
-info, data, cache) have a few flat flags each and no config tree behind them, with a flag whose
-value is optional (`--pretrained [NAME]`) and nested commands (`deit data check|pack`,
+a new setting needs no wiring. The eight other subcommands (eval, predict, convert, export,
+visualize, info, data, cache) have a few flat flags each and no config tree behind them, with a
+flag whose value is optional (`--pretrained [NAME]`) and nested commands (`deit data check|pack`,
 `deit cache list|clear`) that argparse states in a line each; they use the standard library and
 start without importing tyro. One `main` routes both and maps every library error to the same
 one-line messages and exit codes.
@@ -158,6 +158,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from deit.serving import export_model
+
+    done = export_model(args.checkpoint, args.format, args.out)
+    if done.max_abs_diff is not None:
+        print(f"checked: max |Δ| {done.max_abs_diff:.3g} against deit.jit's logits (float32)")
+    print(f"wrote {done.folder}")
+
+
 def cmd_visualize(args: argparse.Namespace) -> None:
     from deit import visualize
 
@@ -271,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--drop-heads", action="store_true", help="fresh heads (fine-tuning)")
     p.add_argument("--to", choices=("flax", "timm"), default="flax")
+    p = sub.add_parser("export", help="a model for serving: StableHLO, ONNX, or safetensors")
+    p.add_argument("checkpoint", help="run folder, exported model folder, or a pretrained name")
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        help="safetensors (a model folder, the default), stablehlo (jax.export) or onnx "
+        "(pip install 'deit[onnx]'); each serving format is checked against the model",
+    )
+    p.add_argument("--out", required=True, help="output folder")
     p = sub.add_parser("visualize", help="CLS/DIST attention maps of images; a run's curves")
     _model_args(p)
     p.add_argument("--run", default=None, help="run folder: training curves and per-head table")
@@ -339,6 +357,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "convert": cmd_convert,
+    "export": cmd_export,
     "visualize": cmd_visualize,
     "info": cmd_info,
     "data": cmd_data,

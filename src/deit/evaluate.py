@@ -31,6 +31,7 @@ from deit.features import pre_logits
 from deit.model import DeiT, forward
 from deit.pretrained import open_model
 from deit.progress import Mode, RateColumn, resolve_mode
+from deit.serving import is_artifact, open_artifact
 from deit.signals import Interrupted, Stop, StopSignals
 from deit.teacher import Teacher, teacher_logits
 from deit.transforms import decode_image
@@ -323,17 +324,24 @@ def predict(
     checkpoint: str | Path, images: list[str], top: int = 5
 ) -> list[list[tuple[str, float]]]:
     """`deit predict`: the `top` classes with probabilities (averaged heads) for each image file,
-    named by `class_names` (a run's folders, ImageNet-1k's for converted weights)."""
+    named by `class_names` (a run's folders, ImageNet-1k's for converted weights). `checkpoint`
+    may also be a serving artifact (`deit export --format stablehlo|onnx`), run as exported."""
     if top < 1:
         raise InputError(f"top {top}; expected 1 or more classes to show")
-    opened = open_model(checkpoint)
-    model, variables = opened.model, opened.variables
-    classes = class_names(opened.config, model.num_classes)
-    x = opened.preprocessing.inputs([decode_image(p) for p in images])
-    cls, dist, _ = forward(
-        model, variables["params"], variables.get("batch_stats", {}), x, train=False
-    )
-    logits = cls if dist is None else (cls + dist) / 2
+    if is_artifact(checkpoint):
+        artifact = open_artifact(checkpoint)
+        classes = artifact.classes
+        x = artifact.preprocessing.inputs([decode_image(p) for p in images])
+        logits = artifact(np.asarray(x))
+    else:
+        opened = open_model(checkpoint)
+        model, variables = opened.model, opened.variables
+        classes = class_names(opened.config, model.num_classes)
+        x = opened.preprocessing.inputs([decode_image(p) for p in images])
+        cls, dist, _ = forward(
+            model, variables["params"], variables.get("batch_stats", {}), x, train=False
+        )
+        logits = cls if dist is None else (cls + dist) / 2
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     k = min(top, probs.shape[-1])
     order = np.argsort(-probs, axis=-1)[:, :k]
