@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from deit.losses import (
-    binary_cross_entropy,
     LossConfig,
+    binary_cross_entropy,
     cross_entropy,
     deit_loss,
     hard_distillation,

@@ -269,7 +269,9 @@ def test_bad_config_raises(kwargs: dict, message: str) -> None:
 def test_lamb_equals_timm_lamb_with_its_parameter_groups() -> None:
     # What `--opt fusedlamb` builds without apex: timm's Lamb, a decayed group of kernels and a
     # group of 1-D parameters at weight decay 0, which it does not adapt (always_adapt False).
-    cfg = OptimConfig(opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01)
+    cfg = OptimConfig(
+        opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01
+    )
     tx, _ = create_optimizer(cfg, 8, 10)
     rng = np.random.default_rng(0)
     params = {
@@ -295,7 +297,9 @@ def test_lamb_equals_timm_lamb_with_its_parameter_groups() -> None:
 
 
 def test_lamb_on_decayed_leaves_is_optax_lamb() -> None:
-    cfg = OptimConfig(opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01)
+    cfg = OptimConfig(
+        opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01
+    )
     tx, _ = create_optimizer(cfg, 8, 10)
     ref = optax.lamb(0.01, eps=1e-8, weight_decay=0.05)
     params = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 4.0]])}}
