@@ -17,6 +17,7 @@ from deit.data import DataConfig
 from deit.data.survey import DIGITS, SMALL_SIDE, DataSurvey
 from deit.losses import LossConfig
 from deit.optim import EmaConfig, OptimConfig
+from deit.recipes_deit3 import deit3, deit3_21k, deit3_21k_ft, deit3_ft
 from deit.variants import get_spec
 
 
@@ -262,18 +263,27 @@ RECIPES = {
     "imagenet": imagenet,
     "finetune": finetune,
     "finetune-384": finetune_384,
+    "deit3": deit3,
+    "deit3-ft": deit3_ft,
+    "deit3-21k": deit3_21k,
+    "deit3-21k-ft": deit3_21k_ft,
 }
+# Recipes sized from the model they train (README_revenge.md's per-size constants).
+SIZED = ("deit3", "deit3-ft", "deit3-21k", "deit3-21k-ft")
 
 
-def recipe(name: str) -> TrainConfig:
+def recipe(name: str, model: str | None = None) -> TrainConfig:
+    """The recipe `name`; a DeiT III one (`SIZED`) with the constants of `model`'s size."""
     if name not in RECIPES:
         raise ConfigError(None, f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
-    return RECIPES[name]()
+    return RECIPES[name](model) if name in SIZED else RECIPES[name]()
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """`configs.from_dict` with `base` defaulting to the recipe named in `values` (else
     imagenet): a partial tree, or a run's config.json, filled in as that recipe would."""
     if base is None:
-        base = recipe(values.get("recipe", "imagenet"))
+        model = values.get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+        base = recipe(values.get("recipe", "imagenet"), name if isinstance(name, str) else None)
     return _from_dict(values, base)
