@@ -144,5 +144,5 @@ def test_a_sized_deit3_config_round_trips(suffix, tmp_path, capsys):
 def test_bce_with_label_smoothing_is_one_line(capsys):
     assert cli.main(["train", "--bce-loss", "--smoothing", "0.1", "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "loss.bce with mixup.label_smoothing 0.1; expected 0" in err
+    assert "--loss.bce with --mixup.label-smoothing 0.1; expected 0" in err
     assert "\n" not in err and "Traceback" not in err
