@@ -241,10 +241,11 @@ def _base(name: str, tokens: list[str], file_values: dict[str, Any] | None = Non
     the model (`_model_hint`)."""
     if name in recipes.SIZED:
         return recipes.recipe(name, _model_hint(tokens, file_values))
-    if name != "small":
+    if name not in ("small", "deit3-small"):
         return recipes.recipe(name)
     found = _survey(_value(tokens, "--data.dataset") or "digits")
-    return recipes.small(found) if found is not None else recipes.small()
+    sized = recipes.small if name == "small" else recipes.deit3_small
+    return sized(found) if found is not None else sized()
 
 
 def _size_text(found: data_survey.DataSurvey) -> str:
