@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from deit import cli, cli_train, recipes
@@ -146,3 +147,35 @@ def test_bce_with_label_smoothing_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert "--loss.bce with --mixup.label-smoothing 0.1; expected 0" in err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_deit3_small_is_small_with_deit3s_changes():
+    small, d3 = recipes.small(), recipes.recipe("deit3-small")
+    assert d3.model.name == "deit3_digits_patch4_16" and d3.model.drop_path_schedule == "uniform"
+    assert (d3.batch_size, d3.data.img_size, d3.time_budget) == (
+        small.batch_size, small.data.img_size, small.time_budget)  # fmt: skip
+    assert d3.loss.bce and d3.loss.distillation == "none" and d3.optim.opt == "lamb"
+    assert d3.data.three_augment and d3.data.randaugment is None and d3.erasing.prob == 0.0
+
+
+@pytest.mark.slow
+def test_a_tiny_deit3_trains_end_to_end_on_digits(tmp_path):
+    # The deit3-small recipe on the built-in digits with the tiny DeiT III test variant, 3
+    # epochs: LAMB, BCE, 3-Augment and uniform drop path through the whole run.
+    from deit import export, run
+
+    cfg = parse(
+        "--recipe", "deit3-small", "--model", "deit3_test_patch4_32", "--epochs", "3",
+        "--time-budget", "None", "--batch-size", "64", "--output", str(tmp_path / "run"),
+        "--progress", "none", "--checkpoint-every", "1000",
+    )  # fmt: skip
+    assert cfg.data.three_augment and cfg.loss.bce and cfg.optim.opt == "lamb"
+    results = run.train_and_evaluate(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["kind"] == "train"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # BCE over 10 classes starts at ln 2 per entry
+    assert losses[0] == pytest.approx(np.log(2.0), abs=0.05)
+    assert results["val"]["cls"]["top1"] > 30.0  # chance: 10%
+    _, _, config = export.load_model(tmp_path / "run" / "final")
+    assert config["variant"] == "deit3_test_patch4_32"

@@ -213,7 +213,7 @@ SMALL_DEIT3 = {
     MINI_MODEL: "deit3_digits_patch8_32",
     LARGE_MODEL: "deit3_tiny_patch16_224",
 }
-DEIT3_SMALL_LR = 2e-3  # LAMB's peak lr at batch 128 (docs/deit3.md), x sqrt(batch / 128)
+DEIT3_SMALL_LR = 1e-2  # LAMB's peak lr at batch 128 (docs/deit3.md), x sqrt(batch / 128)
 
 
 def deit3_small(survey: DataSurvey = DIGITS) -> TrainConfig:
