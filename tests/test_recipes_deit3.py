@@ -160,22 +160,24 @@ def test_deit3_small_is_small_with_deit3s_changes():
 
 @pytest.mark.slow
 def test_a_tiny_deit3_trains_end_to_end_on_digits(tmp_path):
-    # The deit3-small recipe on the built-in digits with the tiny DeiT III test variant, 3
-    # epochs: LAMB, BCE, 3-Augment and uniform drop path through the whole run.
+    # The deit3-small recipe on the built-in digits with the tiny DeiT III test variant for 3
+    # epochs (no warm-up, to see it learn that soon): LAMB, BCE, 3-Augment, uniform drop path,
+    # checkpoints and the export, through the whole run.
     from deit import export, run
 
     cfg = parse(
         "--recipe", "deit3-small", "--model", "deit3_test_patch4_32", "--epochs", "3",
-        "--time-budget", "None", "--batch-size", "64", "--output", str(tmp_path / "run"),
-        "--progress", "none", "--checkpoint-every", "1000",
+        "--warmup-epochs", "0", "--time-budget", "None", "--batch-size", "64",
+        "--output", str(tmp_path / "run"), "--progress", "none", "--log-every", "1",
     )  # fmt: skip
     assert cfg.data.three_augment and cfg.loss.bce and cfg.optim.opt == "lamb"
     results = run.train_and_evaluate(cfg)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["kind"] == "train"]
-    assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    # BCE over 10 classes starts at ln 2 per entry
+    assert len(losses) == 3 * (1437 // 64)
+    # BCE over 10 classes starts at ln 2 per entry, and falls
     assert losses[0] == pytest.approx(np.log(2.0), abs=0.05)
-    assert results["val"]["cls"]["top1"] > 30.0  # chance: 10%
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    assert results["epochs"] == 3 and set(results["val"]) == {"avg", "cls"}
     _, _, config = export.load_model(tmp_path / "run" / "final")
     assert config["variant"] == "deit3_test_patch4_32"
