@@ -64,7 +64,7 @@ def _step(model_name: str, batch: int, img_size: int, dtype: str, classes: int) 
     from deit.data.device import ErasingConfig, MixupConfig
     from deit.losses import LossConfig
     from deit.optim import OptimConfig, create_optimizer
-    from deit.train import StepConfig, init_state, make_train_step
+    from deit.train_step import StepConfig, init_state, make_train_step
 
     dt = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[dtype]
     model = deit.create_model(model_name, dtype=dt, num_classes=classes, img_size=img_size)

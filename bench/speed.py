@@ -235,7 +235,7 @@ def train_program(
     from deit.losses import LossConfig
     from deit.optim import OptimConfig, create_optimizer
     from deit.teacher import Teacher, create_teacher
-    from deit.train import StepConfig, init_state, make_train_step
+    from deit.train_step import StepConfig, init_state, make_train_step
 
     spec = get_spec(name)
     model = create_model(name, dtype=DTYPES[dtype], drop_path_rate=drop_path, remat=remat)

@@ -263,9 +263,15 @@ def test_cache_list_and_clear(official, deit_home, capsys):
     listed = capsys.readouterr().out
     assert str(deit_home) in listed and f"pretrained/{NAME}/official" in listed
     assert official[1].file in listed
+    # A copy converted from another URL of the same file is the name's too; others' are not.
+    url_copy = pretrained.pretrained_dir() / official[1].file.partition(".")[0] / "url"
+    other = pretrained.pretrained_dir() / "other-12345678" / "url"
+    for folder in (url_copy, other):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
     assert cli.main(["cache", "clear", NAME]) == 0
-    assert "2 entries removed" in capsys.readouterr().out
-    assert pretrained.cache_entries() == []
+    assert "3 entries removed" in capsys.readouterr().out
+    assert [p for p, _ in pretrained.cache_entries()] == [other]
 
 
 def test_the_registry_names_the_official_files():

@@ -349,6 +349,7 @@ def convert_checkpoint(
     img_size: int | None = None,
     drop_heads: bool = False,
     to: Literal["flax", "timm"] = "flax",
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Convert a checkpoint file or exported folder; return what was written.
 
@@ -356,14 +357,19 @@ def convert_checkpoint(
     folder (`deit.export.save_model`), returned. The variant is inferred when `model_name` is None;
     class count, image size and input channels follow the checkpoint unless overridden.
     `to="timm"`: an exported folder becomes `out_dir/model.safetensors` in timm's layout, returned.
+    A RegNet or ResNet checkpoint goes to `deit.regnet_convert` / `deit.resnet_convert`;
+    `preprocessing` is the one written for a ResNet (its weights' own; torchvision's by default).
     """
-    from deit import regnet_convert
+    from deit import regnet_convert, resnet_convert
     from deit.regnet import RegNet
+    from deit.teacher import ResNet
 
     if to == "timm":
         model, variables, _ = export.load_model(src)
         if isinstance(model, RegNet):
             return regnet_convert.export_timm(src, out_dir)
+        if isinstance(model, ResNet):
+            return resnet_convert.export_timm(src, out_dir)
         if not isinstance(model, DeiT):
             raise InputError(f"{src} holds a {type(model).__name__}, not a DeiT")
         target = Path(out_dir).absolute() / "model.safetensors"
@@ -371,6 +377,19 @@ def convert_checkpoint(
     if to != "flax":
         raise InputError(f"to={to!r}; expected 'flax' or 'timm'")
     state_dict = load_state_dict(src)
+    if resnet_convert.is_resnet(state_dict) or (model_name or "").startswith("resnet"):
+        # torchvision / timm ResNets (`deit.teacher.TEACHERS`), as CNN teachers.
+        if img_size is not None:
+            raise InputError("img_size: a ResNet takes any image size; expected it unset")
+        return resnet_convert.convert_resnet_checkpoint(
+            src,
+            model_name,
+            out_dir,
+            num_classes=num_classes,
+            drop_heads=drop_heads,
+            state_dict=state_dict,
+            preprocessing=preprocessing,
+        )
     if regnet_convert.is_regnet(state_dict) or (model_name or "").startswith("regnet"):
         # The paper's teacher and its family (`deit.regnet`): a network of their own.
         if img_size is not None:

@@ -58,6 +58,9 @@ class Weights:
     url_base: str = OFFICIAL_URL
     hub_tag: str = "fb_in1k"
     """The timm Hub repository's tag: `timm/<name>.<hub_tag>`."""
+    preprocessing: Preprocessing | None = None
+    """The weights' own evaluation preprocessing where the variant registry does not give it
+    (the CNN teachers)."""
 
     @property
     def url(self) -> str:
@@ -118,10 +121,33 @@ PRETRAINED: dict[str, Weights] = {
 # The paper's teacher (DeiT §5.2): timm's `regnety_160` as the DeiT authors trained it, 82.9%
 # top-1 at 224 (the official README gives no top-5). Converted by `deit.regnet_convert`; the Hub
 # holds it in timm's layout only (`timm/regnety_160.deit_in1k`).
+# torchvision's ResNets (`deit.teacher.TEACHERS`, converted by `deit.resnet_convert`), with its
+# published accuracy and evaluation transform (resize 256 -> crop 224, bilinear; resnet50's V2
+# weights resize to 232). `@timm` takes the Hub's copy of the same file (`tv_in1k`, `tv2_in1k`);
+# timm's own ResNet checkpoints (`a1_in1k`, ...) share the layout and load as files or URLs.
+TORCHVISION_URL = "https://download.pytorch.org/models/"
 TEACHER_WEIGHTS: dict[str, Weights] = {
     "regnety_160": Weights(
         "regnety_160", "regnety_160-a5fe301d.pth", 82.9, None, hub_tag="deit_in1k"
-    )
+    ),
+    "resnet18": Weights(
+        "resnet18",
+        "resnet18-f37072fd.pth",
+        69.758,
+        89.078,
+        url_base=TORCHVISION_URL,
+        hub_tag="tv_in1k",
+        preprocessing=Preprocessing(224, crop_pct=0.875, interpolation="bilinear"),
+    ),
+    "resnet50": Weights(
+        "resnet50",
+        "resnet50-11ad3fa6.pth",
+        80.858,
+        95.434,
+        url_base=TORCHVISION_URL,
+        hub_tag="tv2_in1k",
+        preprocessing=Preprocessing(224, crop_pct=224 / 232, interpolation="bilinear"),
+    ),
 }
 
 
@@ -280,7 +306,8 @@ def pretrained_folder(name: str, source: Source = "official") -> Path:
     part = folder.with_name(folder.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     try:
-        convert_checkpoint(ckpt, name, part)  # a RegNet name goes to deit.regnet_convert
+        # A RegNet or ResNet name goes to deit.regnet_convert / deit.resnet_convert.
+        convert_checkpoint(ckpt, name, part, preprocessing=weights(name).preprocessing)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(part, folder)
     finally:
@@ -447,7 +474,10 @@ def clear_cache(name: str | None = None) -> list[Path]:
         weights(name)
     removed = []
     for path, _ in cache_entries():
-        if name is None or path.name.startswith(name + "-") or name in path.parts:
+        # Downloads are `NAME-<hash>.pth`; converted folders `NAME/<source>`, and a URL's or a
+        # file's copy `NAME-<hash>/url` or `NAME/file-<key>`.
+        parts = path.relative_to(cache_home()).parts[1:2]
+        if name is None or any(p == name or p.startswith(name + "-") for p in parts):
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -7,6 +7,9 @@ stages of one basic block, 16/32/64 filters, 3×3 stem) that fits the 32×32 bui
 `resnet18` / `resnet26` / `resnet50` are the ImageNet-style networks with the 7×7/2 stem and max
 pool (pass `small_input=True` for 32×32 images). Shortcuts are 1×1 projections where the shape
 changes (option B of the paper, also for `resnet8`, where He et al. used zero padding).
+`padding="torch"` pads every conv and the max pool symmetrically, as torchvision and timm do, so
+their checkpoints (`deit.resnet_convert`) give their logits; Flax's default `"same"` pads a
+stride-2 layer more at the end, which a network trained here from scratch does not mind.
 
 The teacher runs in eval mode (running BatchNorm statistics) on the student's mixed images, with
 its own normalisation, under `stop_gradient` (official `losses.py` calls it under `no_grad`).
@@ -34,16 +37,20 @@ BN_EPS = 1e-5
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+Padding = Literal["same", "torch"]
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convs: `(B, H, W, C)` -> `(B, H/s, W/s, filters)`."""
 
     filters: int
     strides: int = 1
     dtype: Any = jnp.float32
+    padding: Padding = "same"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, self.padding)
         norm = _norm_factory(self.dtype, train)
         y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(x)))
         # Zero-init of the last BN scale makes each block start as the identity (Goyal et al.).
@@ -57,10 +64,11 @@ class BottleneckBlock(nn.Module):
     filters: int
     strides: int = 1
     dtype: Any = jnp.float32
+    padding: Padding = "same"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, self.padding)
         norm = _norm_factory(self.dtype, train)
         y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
         y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(y)))
@@ -68,13 +76,13 @@ class BottleneckBlock(nn.Module):
         return nn.relu(y + _shortcut(x, y.shape[-1], self.strides, conv, norm))
 
 
-def _conv_factory(dtype: Any) -> Callable[..., nn.Conv]:
+def _conv_factory(dtype: Any, padding: Padding = "same") -> Callable[..., nn.Conv]:
     def conv(features: int, kernel: tuple[int, int], strides: int = 1, **kwargs: Any) -> nn.Conv:
         return nn.Conv(
             features,
             kernel,
             strides=strides,
-            padding="SAME",
+            padding="SAME" if padding == "same" else [((k - 1) // 2,) * 2 for k in kernel],
             use_bias=False,
             kernel_init=conv_init,
             dtype=dtype,
@@ -126,10 +134,13 @@ class ResNet(nn.Module):
     block: Literal["basic", "bottleneck"] = "basic"
     small_input: bool = False
     dtype: Any = jnp.float32
+    padding: Padding = "same"
 
     def __post_init__(self) -> None:
         if self.block not in _BLOCKS:
             raise InputError(f"block {self.block!r}; expected one of {sorted(_BLOCKS)}")
+        if self.padding not in ("same", "torch"):
+            raise InputError(f"padding {self.padding!r}; expected 'same' or 'torch'")
         if not self.stage_sizes or any(n <= 0 for n in self.stage_sizes):
             raise InputError(f"stage_sizes {tuple(self.stage_sizes)}; expected positive counts")
         if self.num_filters <= 0 or self.num_classes <= 0:
@@ -142,7 +153,7 @@ class ResNet(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         if images.ndim != 4:
             raise InputError(f"images have shape {tuple(images.shape)}; expected (B, H, W, C)")
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, self.padding)
         norm = _norm_factory(self.dtype, train)
         x = images.astype(self.dtype)
         if self.small_input:
@@ -151,12 +162,14 @@ class ResNet(nn.Module):
             x = nn.relu(
                 norm(name="bn_init")(conv(self.num_filters, (7, 7), 2, name="conv_init")(x))
             )
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            pool_pad = "SAME" if self.padding == "same" else ((1, 1), (1, 1))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pool_pad)
         block_cls = _BLOCKS[self.block]
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = block_cls(self.num_filters * 2**i, strides, self.dtype)(x, train=train)
+                block = block_cls(self.num_filters * 2**i, strides, self.dtype, self.padding)
+                x = block(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
         return x.astype(jnp.float32)
@@ -180,7 +193,18 @@ TEACHERS: dict[str, ResNetSpec] = {
     "resnet50": ResNetSpec((3, 4, 6, 3), "bottleneck"),
 }
 
-_OVERRIDABLE = {f.name for f in dataclasses.fields(ResNetSpec)} | {"dtype"}
+_OVERRIDABLE = {f.name for f in dataclasses.fields(ResNetSpec)} | {"dtype", "padding"}
+
+
+def resnet_spec(model: ResNet) -> ResNetSpec:
+    """The architecture of `model`, comparable with `TEACHERS`' entries."""
+    return ResNetSpec(tuple(model.stage_sizes), model.block, model.num_filters, model.small_input)
+
+
+def registered_resnet(model: ResNet) -> str | None:
+    """The `TEACHERS` name whose architecture `model` has, or None."""
+    spec = resnet_spec(model)
+    return next((name for name, s in TEACHERS.items() if s == spec), None)
 
 
 def create_teacher(name: str, num_classes: int, **overrides: Any) -> nn.Module:
@@ -188,7 +212,7 @@ def create_teacher(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     outputs.
 
     Overrides replace spec fields (`num_filters`, `small_input`, `stage_sizes`, `block`) or set
-    the compute `dtype`.
+    the compute `dtype` or the `padding` (`"torch"` for torchvision / timm weights).
     """
     from deit.regnet import REGNETS, close_names, create_regnet
 

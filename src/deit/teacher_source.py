@@ -7,7 +7,10 @@
 - an http(s) URL, downloaded once into `$DEIT_HOME/downloads` (its SHA-256 checked against the
   hash prefix of its file name, `regnety_160-a5fe301d.pth`) and converted once;
 - a name with pretrained weights: `regnety_160` (the paper's RegNetY-16GF, official file),
-  `regnety_160@timm` (the Hub copy `timm/regnety_160.deit_in1k`), or an official DeiT name.
+  `regnety_160@timm` (the Hub copy `timm/regnety_160.deit_in1k`), `resnet18` / `resnet50`
+  (torchvision's files; `@timm` their Hub copies), or an official DeiT name. A timm or
+  torchvision ResNet checkpoint given as a file or URL converts the same way
+  (`deit.resnet_convert`).
 `teacher.arch` (official `--teacher-model`) naming a RegNet is the network those weights must
 be: a checkpoint of another one is refused in one line. `--teacher-model regnety_160` alone
 takes the official weights.
@@ -121,9 +124,12 @@ def load_teacher(
 
 def given(cfg: Any) -> Any:
     """`cfg` with `--teacher-model NAME` alone, NAME having pretrained weights (`regnety_160`),
-    read as `--teacher NAME`: such a teacher is loaded, not trained from scratch."""
+    read as `--teacher NAME`: such a teacher is loaded, not trained from scratch. The ResNets
+    (`deit.teacher.TEACHERS`) stay networks to train: `--teacher resnet50` loads their weights."""
+    from deit.teacher import TEACHERS
+
     t = cfg.teacher
-    if t.path is None and t.arch in pretrained.TEACHER_WEIGHTS:
+    if t.path is None and t.arch in pretrained.TEACHER_WEIGHTS and t.arch not in TEACHERS:
         return dataclasses.replace(cfg, teacher=dataclasses.replace(t, path=t.arch))
     return cfg
 

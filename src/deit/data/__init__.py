@@ -8,22 +8,18 @@
 - `survey`: a data set's image count and typical size, for the `small` recipe.
 - `host`, `randaugment`: the per-image work of grain's workers (decode, crop, flip, RandAugment).
 - `device`: the batch ops inside the jitted step (normalise, erasing, mixup/cutmix), their configs.
-- `pipeline`: grain over a whole run, bad-image handling, `deit data check`.
+- `plan`: which records each batch of a run holds (`epoch_order`, `Plan`).
+- `batches`: the iterator over a run's batches and its worker processes (`Batches`).
+- `pipeline`: what a batch is made of, a run's batches (`run_batches`), `deit data check`.
+- `bad_images`: an unreadable image on the loop's side (`take_bad`, `agreed_bad`, `SkippedImages`).
+- `gpu`, `device_augment`: `--data.decode gpu` (the workers read bytes, the device decodes).
 """
 
+from deit.data.bad_images import SkippedImages, agreed_bad, take_bad
 from deit.data.config import IMAGE_SUFFIXES, DataConfig, cache_home, usable_cores
 from deit.data.index import FolderSource, image_folder, index_folder
-from deit.data.pipeline import (
-    Plan,
-    agreed_bad,
-    check_images,
-    epoch_order,
-    eval_batches,
-    load_sources,
-    run_batches,
-    take_bad,
-    train_batches,
-)
+from deit.data.pipeline import check_images, eval_batches, load_sources, run_batches, train_batches
+from deit.data.plan import Plan, epoch_order
 from deit.data.shards import ShardSource, open_shards, pack
 from deit.data.sources import BadImageError, RecordSource, Source, arrays, digits
 from deit.data.subset import Subset, stratified_indices
@@ -41,6 +37,7 @@ __all__ = [
     "Plan",
     "RecordSource",
     "ShardSource",
+    "SkippedImages",
     "Source",
     "Subset",
     "agreed_bad",
