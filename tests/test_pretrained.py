@@ -275,7 +275,9 @@ def test_cache_list_and_clear(official, deit_home, capsys):
 
 
 def test_the_registry_names_the_official_files():
-    for name, w in pretrained.PRETRAINED.items():
+    deit_weights = {n: w for n, w in pretrained.PRETRAINED.items() if w.pinned}
+    assert set(pretrained.PRETRAINED) - set(deit_weights) == set(pretrained.DEIT3_PRETRAINED)
+    for name, w in deit_weights.items():
         assert w.url == f"https://dl.fbaipublicfiles.com/deit/{name}-{w.sha256_prefix}.pth"
         assert len(w.sha256_prefix) == 8
         assert w.hf_repo == "facebook/" + name.replace("_", "-")
@@ -283,7 +285,7 @@ def test_the_registry_names_the_official_files():
         # The registry's eval crop: 0.875 at 224, the whole image at 384 (official README).
         spec = deit.get_spec(name)
         assert spec.crop_pct == (1.0 if spec.img_size == 384 else 0.875)
-    assert len(pretrained.PRETRAINED) == 8
+    assert len(deit_weights) == 8
 
 
 def test_a_384_model_is_evaluated_uncropped_by_every_command(

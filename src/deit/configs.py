@@ -48,7 +48,10 @@ class ModelConfig:
     name: str = "deit_tiny_distilled_patch16_224"
     """Registered variant (official `--model`); with `finetune` the checkpoint's network."""
     drop_path_rate: float = 0.1
-    """Stochastic depth, rising linearly to this rate over the blocks (official `--drop-path`)."""
+    """Stochastic depth: the rate of the last block (official `--drop-path`)."""
+    drop_path_schedule: Literal["linear", "uniform"] = "linear"
+    """linear: rising from 0 to `drop_path_rate` over the blocks (DeiT); uniform: every block at
+    `drop_path_rate` (DeiT III, official `models_v2.py`)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype; parameters, optimiser state and the loss stay float32. auto: bfloat16 on a
     GPU (as the official code's AMP), float32 elsewhere (`resolve_dtype`)."""

@@ -7,6 +7,14 @@ re-exported here. Our Flax names mirror timm's keys
 layout changes: conv `(O, I, kh, kw)` -> `(kh, kw, I, O)`, linear `(out, in)` -> `(in, out)`,
 LayerNorm `weight` -> `scale`. Hugging Face names are first rewritten to timm's, fusing the separate
 q, k, v projections into timm's `qkv` (rows `[q | k | v]`, head-major in each).
+
+DeiT III: timm's `blocks.{i}.ls1.gamma` / `ls2.gamma` are our `blocks_{i}/ls1/gamma` / `ls2`; the
+official `deit_3_*.pth` files (`models_v2.py`) name them `blocks.{i}.gamma_1` / `gamma_2` and are
+otherwise timm's layout, so they are renamed first (`official_v2_to_timm`). Their `pos_embed`
+has no prefix rows, which the file shows by its square patch count.
+
+Over 400 lines: the key tables of the three layouts and the whole-file conversion share the same
+private maps, and splitting them would make a module of tables that every other one imports.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = [
     "hf_to_timm",
     "infer_variant",
     "load_state_dict",
+    "official_v2_to_timm",
     "save_torch",
     "to_torch",
 ]
@@ -54,9 +63,12 @@ _BLOCK = {
     "attn.proj": ("attn/proj", "linear"),
     "mlp.fc1": ("mlp/fc1", "linear"),
     "mlp.fc2": ("mlp/fc2", "linear"),
+    "ls1": ("ls1", "layerscale"),
+    "ls2": ("ls2", "layerscale"),
 }
 _TOKENS = ("cls_token", "dist_token", "pos_embed")
-_WEIGHT_LEAF = {"conv": "kernel", "linear": "kernel", "norm": "scale"}
+_WEIGHT_LEAF = {"conv": "kernel", "linear": "kernel", "norm": "scale", "layerscale": "gamma"}
+_OFFICIAL_V2_RE = re.compile(r"blocks\.(\d+)\.gamma_([12])")
 _HEADS = ("cls_head/", "dist_head/")
 
 # Hugging Face -> timm. Two generations of HF names: the Hub files (`encoder.layer.N.attention.
@@ -130,19 +142,31 @@ def hf_to_timm(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def official_v2_to_timm(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The official DeiT III layout (`models_v2.py`: `blocks.{i}.gamma_1` / `gamma_2`) renamed
+    to timm's (`blocks.{i}.ls1.gamma` / `ls2.gamma`); every other key is already timm's."""
+    out = {}
+    for key, value in state_dict.items():
+        m = _OFFICIAL_V2_RE.fullmatch(key)
+        out[f"blocks.{m[1]}.ls{m[2]}.gamma" if m else key] = value
+    return out
+
+
 def _timm_to_flax(key: str) -> tuple[str, str] | None:
     """`(Flax path, kind)` of a timm key, or None if the key is not part of DeiT."""
     if key in _TOKENS:
         return key, "raw"
     module, _, leaf = key.rpartition(".")
-    if leaf not in ("weight", "bias"):
+    if leaf not in ("weight", "bias", "gamma"):
         return None
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     table, sub, prefix = (_BLOCK, m[2], f"blocks_{int(m[1])}/") if m else (_TOP, module, "")
     if sub not in table:
         return None
     path, kind = table[sub]
-    return f"{prefix}{path}/{_WEIGHT_LEAF[kind] if leaf == 'weight' else 'bias'}", kind
+    if (leaf == "gamma") != (kind == "layerscale"):
+        return None
+    return f"{prefix}{path}/{'bias' if leaf == 'bias' else _WEIGHT_LEAF[kind]}", kind
 
 
 def _flax_to_timm(name: str) -> tuple[str, str]:
@@ -153,7 +177,8 @@ def _flax_to_timm(name: str) -> tuple[str, str]:
     m = re.fullmatch(r"blocks_(\d+)/(.+)", module)
     table, sub, prefix = (_BLOCK, m[2], f"blocks.{m[1]}.") if m else (_TOP, module, "")
     timm_module, kind = next((t, k) for t, (f, k) in table.items() if f == sub)
-    return f"{prefix}{timm_module}.{'bias' if leaf == 'bias' else 'weight'}", kind
+    timm_leaf = "gamma" if kind == "layerscale" else "bias" if leaf == "bias" else "weight"
+    return f"{prefix}{timm_module}.{timm_leaf}", kind
 
 
 def _to_flax_layout(value: np.ndarray, kind: str, leaf: str) -> np.ndarray | None:
@@ -180,6 +205,7 @@ def expected_shapes(model: DeiT) -> dict[str, jax.ShapeDtypeStruct]:
 
 def _diff(model: DeiT, missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
     fields = ("embed_dim", "depth", "img_size", "num_classes", "distilled", "in_chans")
+    fields += ("init_values", "no_embed_class")
     described = ", ".join(f"{f}={getattr(model, f)}" for f in fields)
     lines = [f"checkpoint does not fit DeiT({described}):"]
     sections = {"missing from the checkpoint": missing, "unexpected in the checkpoint": unexpected}
@@ -198,7 +224,16 @@ def _resamplable(array: np.ndarray | None, want: tuple, prefix: int, model: DeiT
     if array is None or array.ndim != 3 or array.shape == want or array.shape[2] != want[2]:
         return False
     side = math.isqrt(array.shape[1] - prefix)
-    return prefix == model.num_prefix_tokens and side * side == array.shape[1] - prefix
+    return prefix == model.pos_embed_prefix and side * side == array.shape[1] - prefix
+
+
+def _pos_embed_prefix(sd: dict[str, np.ndarray]) -> int:
+    """The prefix rows of a timm-layout `pos_embed`: none when its row count is a square (a
+    DeiT III's, patches only: g² + 1 and g² + 2 are never squares), else one per token."""
+    rows = int(np.shape(sd["pos_embed"])[1]) if "pos_embed" in sd else 0
+    if rows and math.isqrt(rows) ** 2 == rows:
+        return 0
+    return 2 if "dist_token" in sd else 1
 
 
 def _check_hf_heads(state_dict: dict[str, np.ndarray], model: DeiT) -> None:
@@ -228,8 +263,10 @@ def from_torch(
         if not drop_heads:
             _check_hf_heads(state_dict, model)
         state_dict = hf_to_timm(state_dict)
+    else:
+        state_dict = official_v2_to_timm(state_dict)
     expected = expected_shapes(model)
-    prefix_in_file = 2 if "dist_token" in state_dict else 1
+    prefix_in_file = _pos_embed_prefix(state_dict)
     flat: dict[str, np.ndarray] = {}
     unexpected, wrong = [], []
     misshapen: set[str] = set()  # listed once, with both shapes, and not as missing too
@@ -311,7 +348,7 @@ def _architecture(sd: dict[str, np.ndarray]) -> dict[str, Any]:
     if any(k not in sd for k in need):
         raise InputError(f"not a DeiT state dict: it lacks {[k for k in need if k not in sd]}")
     patch = sd["patch_embed.proj.weight"]
-    prefix = 2 if "dist_token" in sd else 1
+    prefix = _pos_embed_prefix(sd)
     side = math.isqrt(sd["pos_embed"].shape[1] - prefix)
     return dict(
         embed_dim=int(sd["cls_token"].shape[-1]),
@@ -319,16 +356,25 @@ def _architecture(sd: dict[str, np.ndarray]) -> dict[str, Any]:
         mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
         patch_size=int(patch.shape[-1]),
         in_chans=int(patch.shape[1]),
-        distilled=prefix == 2,
+        distilled="dist_token" in sd,
+        layer_scale="blocks.0.ls1.gamma" in sd,
+        no_embed_class=prefix == 0,
         img_size=side * int(patch.shape[-1]),
         num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
     )
 
 
 def infer_variant(arch: dict[str, Any]) -> str:
-    """The registered variant with this width, depth, MLP, patch size and token count."""
-    keys = ("embed_dim", "depth", "mlp_dim", "patch_size", "distilled")
-    fits = [n for n, s in VARIANTS.items() if all(getattr(s, k) == arch[k] for k in keys)]
+    """The registered variant with this width, depth, MLP, patch size and token count (and
+    DeiT III's LayerScale and patch-only position embedding, or their absence)."""
+    keys = ("embed_dim", "depth", "mlp_dim", "patch_size", "distilled", "no_embed_class")
+    arch = {"no_embed_class": False, "layer_scale": False, **arch}
+    fits = [
+        n
+        for n, s in VARIANTS.items()
+        if all(getattr(s, k) == arch[k] for k in keys)
+        and (s.init_values is not None) == arch["layer_scale"]
+    ]
     exact = [n for n in fits if VARIANTS[n].img_size == arch["img_size"]]
     if len(exact) == 1 or len(fits) == 1:
         return (exact or fits)[0]
@@ -350,6 +396,7 @@ def convert_checkpoint(
     drop_heads: bool = False,
     to: Literal["flax", "timm"] = "flax",
     preprocessing: Preprocessing | None = None,
+    crop_pct: float | None = None,
 ) -> Path:
     """Convert a checkpoint file or exported folder; return what was written.
 
@@ -359,6 +406,8 @@ def convert_checkpoint(
     `to="timm"`: an exported folder becomes `out_dir/model.safetensors` in timm's layout, returned.
     A RegNet or ResNet checkpoint goes to `deit.regnet_convert` / `deit.resnet_convert`;
     `preprocessing` is the one written for a ResNet (its weights' own; torchvision's by default).
+    `crop_pct` replaces the registry's eval crop of the variant in the written preprocessing
+    (weights of one network evaluated otherwise: DeiT III's 21k-pretrained ones at 1.0).
     """
     from deit import regnet_convert, resnet_convert
     from deit.regnet import RegNet
@@ -402,7 +451,8 @@ def convert_checkpoint(
             drop_heads=drop_heads,
             state_dict=state_dict,
         )
-    timm_sd = hf_to_timm(state_dict) if detect_layout(state_dict) == "hf" else state_dict
+    hf = detect_layout(state_dict) == "hf"
+    timm_sd = hf_to_timm(state_dict) if hf else official_v2_to_timm(state_dict)
     arch = _architecture(timm_sd)
     name = resolve_name(model_name) if model_name else infer_variant(arch)
     spec = get_spec(name)
@@ -421,7 +471,9 @@ def convert_checkpoint(
     model = create_model(name, **overrides)
     params = from_torch(state_dict, model, drop_heads=drop_heads)
     # The registry's eval preprocessing of the variant, at the converted model's size.
-    prep = Preprocessing.from_config({"variant": name}, model)
+    prep = Preprocessing.from_config(
+        {"variant": name, **({"crop_pct": crop_pct} if crop_pct is not None else {})}, model
+    )
     # The official, timm and HF DeiT heads are ImageNet-1k classifiers: `class_names` then
     # names their outputs; a head of another size (or fresh heads) is not ImageNet's.
     imagenet = model.num_classes == IMAGENET_CLASSES and not drop_heads

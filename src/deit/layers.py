@@ -245,8 +245,27 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch, `x * gamma` with `gamma (D,)` started
+    at `init_values` (CaiT §2; DeiT III's blocks). timm names it `ls1.gamma` / `ls2.gamma`, the
+    official `models_v2.py` `gamma_1` / `gamma_2`."""
+
+    init_values: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param(
+            "gamma", nn.initializers.constant(self.init_values), (x.shape[-1],), jnp.float32
+        )
+        return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+
+    With `init_values` set (DeiT III) each branch is scaled by a `LayerScale` (`ls1`, `ls2`)
+    before the drop path, as in the official `Layer_scale_init_Block` and timm's `Block`.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -255,20 +274,23 @@ class Block(nn.Module):
     drop_path: float = 0.0
     dtype: jnp.dtype = jnp.float32
     capture: bool = False
+    init_values: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        branch: Callable[[jax.Array], jax.Array] = lambda y: DropPath(self.drop_path)(
-            y, train=train
-        )
+        def branch(y: jax.Array, scale: str) -> jax.Array:
+            if self.init_values is not None:
+                y = LayerScale(self.init_values, name=scale)(y)
+            return DropPath(self.drop_path)(y, train=train)
+
         y = Attention(
             self.num_heads, self.attn_drop, self.drop, self.dtype, self.capture, name="attn"
         )(layer_norm("norm1", self.dtype)(x), train=train)
-        x = x + branch(y)
+        x = x + branch(y, "ls1")
         y = Mlp(self.mlp_dim, self.drop, self.dtype, name="mlp")(
             layer_norm("norm2", self.dtype)(x), train=train
         )
-        x = x + branch(y)
+        x = x + branch(y, "ls2")
         if self.capture:
             self.sow("intermediates", "tokens", x)
         return x

@@ -5,12 +5,17 @@ Sequence `[cls, dist, patches]`, learned position embedding over all `N + 2` tok
 encoder, a final LayerNorm, `cls_head` on token 0 and `dist_head` on token 1. At inference the
 two heads' logits are averaged (paper §4, "Classification with our approach"). Parameter names
 mirror timm's state-dict keys so conversion is a table (see `convert.py`).
+
+The same module is DeiT III (Touvron et al. 2022, official `models_v2.py`, timm's `deit3_*`) with
+`init_values` (a LayerScale on each residual branch, `layers.LayerScale`) and `no_embed_class`
+(the position embedding covers the patches only and is added before the class token is
+prepended), `distilled=False`; its recipe's stochastic depth is `drop_path_schedule="uniform"`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +60,11 @@ class DeiT(nn.Module):
     `remat=True` recomputes each block's activations in the backward pass instead of keeping
     them (timm's `set_grad_checkpointing`): the same numbers, ~1/3 more compute. XLA:CPU
     (jaxlib 0.10) hoists the recomputation and saves no memory (jax#19822, `bench/levers.py remat`).
+
+    DeiT III: `init_values` (LayerScale's start value, timm's 1e-6; None: none), `no_embed_class`
+    (`pos_embed (1, N, D)`, patches only). `drop_path_schedule`: "linear" rises from 0 to
+    `drop_path_rate` over the blocks (DeiT, timm); "uniform" gives every block `drop_path_rate`
+    (DeiT III's official `dpr = [drop_path_rate] * depth`).
     """
 
     num_classes: int = 1000
@@ -73,6 +83,9 @@ class DeiT(nn.Module):
     dtype: Any = jnp.float32
     capture: bool = False
     remat: bool = False
+    init_values: float | None = None
+    no_embed_class: bool = False
+    drop_path_schedule: Literal["linear", "uniform"] = "linear"
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -87,6 +100,11 @@ class DeiT(nn.Module):
     def num_prefix_tokens(self) -> int:
         return 2 if self.distilled else 1
 
+    @property
+    def pos_embed_prefix(self) -> int:
+        """The rows of `pos_embed` before the patches': 0 with `no_embed_class` (DeiT III)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> DeiTOutput:
         single = self._check_input(images)
@@ -100,12 +118,15 @@ class DeiT(nn.Module):
         prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))]
         if self.distilled:
             prefix.append(self.param("dist_token", dense_init, (1, 1, d)))
-        pos_embed = self.param("pos_embed", dense_init, (1, n + len(prefix), d))
+        pos_embed = self.param("pos_embed", dense_init, (1, n + self.pos_embed_prefix, d))
+        pos_embed = pos_embed.astype(x.dtype)
         tokens = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix]
-        x = jnp.concatenate([*tokens, x], axis=1) + pos_embed.astype(x.dtype)
+        if self.no_embed_class:  # DeiT III: positions for the patches, before the class token
+            x = jnp.concatenate([*tokens, x + pos_embed], axis=1)
+        else:
+            x = jnp.concatenate([*tokens, x], axis=1) + pos_embed
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        # Stochastic depth grows linearly with depth (paper Table 9, timm's `dpr`).
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        rates = drop_path_rates(self.drop_path_rate, self.depth, self.drop_path_schedule)
         # `train` is argument 2 counting the module itself; static, since it picks Python branches.
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
@@ -117,6 +138,7 @@ class DeiT(nn.Module):
                 float(rates[i]),
                 self.dtype,
                 self.capture,
+                self.init_values,
                 name=f"blocks_{i}",
             )(x, train)
         x = layer_norm("norm", self.dtype)(x)
@@ -173,6 +195,23 @@ def check_config(model: DeiT) -> None:
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         if not 0.0 <= getattr(model, name) < 1.0:
             raise InputError(f"{name} {getattr(model, name)} is outside [0, 1)")
+    if model.drop_path_schedule not in DROP_PATH_SCHEDULES:
+        raise InputError(
+            f"drop_path_schedule {model.drop_path_schedule!r}; expected one of "
+            f"{', '.join(DROP_PATH_SCHEDULES)}"
+        )
+
+
+DROP_PATH_SCHEDULES = ("linear", "uniform")
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> list[float]:
+    """Each block's stochastic-depth rate: "linear" from 0 at the first block to `rate` at the
+    last (DeiT paper Table 9, timm's `dpr`), "uniform" `rate` in every block (DeiT III, official
+    `models_v2.py`)."""
+    if schedule == "uniform":
+        return [float(rate)] * depth
+    return [float(r) for r in np.linspace(0.0, rate, depth)]
 
 
 _FIELDS = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
@@ -201,6 +240,8 @@ def create_model(name: str, **overrides: Any) -> DeiT:
         num_heads=spec.num_heads,
         mlp_dim=spec.mlp_dim,
         distilled=spec.distilled,
+        init_values=spec.init_values,
+        no_embed_class=spec.no_embed_class,
     )
     kwargs.update(overrides)
     return DeiT(**kwargs)
@@ -305,13 +346,13 @@ def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0
     """`src`'s params fitted to `dst`: the same network at another resolution or class count.
 
     `pos_embed (1, prefix + N_src, D)` is resampled to `dst.grid` (bicubic on the patch grid,
-    the cls/dist rows kept as they are; `model.resample_pos_embed`), and the heads are freshly
-    initialised from `rng` when the class count differs; everything else is copied. This is what
-    the official `main.py --finetune` does: it interpolates the position embedding and drops
-    `head` / `head_dist` of the wrong shape.
+    the cls/dist rows kept as they are, none in DeiT III's; `model.resample_pos_embed`), and the
+    heads are freshly initialised from `rng` when the class count differs; everything else is
+    copied. This is what the official `main.py --finetune` does: it interpolates the position
+    embedding and drops `head` / `head_dist` of the wrong shape.
     """
     fields = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "distilled")
-    fields += ("with_dist_head",)
+    fields += ("with_dist_head", "init_values", "no_embed_class")
     differ = [
         f"{f} {getattr(src, f)} -> {getattr(dst, f)}"
         for f in fields
@@ -324,7 +365,7 @@ def adapt_params(params: dict, src: DeiT, dst: DeiT, *, rng: int | jax.Array = 0
         )
     out = dict(params)
     out["pos_embed"] = resample_pos_embed(
-        params["pos_embed"], dst.grid, src.num_prefix_tokens, old_grid=src.grid
+        params["pos_embed"], dst.grid, src.pos_embed_prefix, old_grid=src.grid
     )
     if src.num_classes != dst.num_classes:
         fresh = init_params(dst, rng)

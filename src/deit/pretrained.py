@@ -3,14 +3,20 @@
 Eight checkpoints under timm's names, from three places: the official download URLs (`official`,
 facebookresearch/deit; the file name's hash prefix is checked against the file's SHA-256, as
 `torch.hub` does), or the Hugging Face Hub in its two layouts (`hf`: `facebook/deit-*`, the
-transformers layout; `timm`: `timm/deit_*.fb_in1k`). The Hub is reached through `huggingface_hub`,
-so `HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT` apply and its files stay in its own cache.
+transformers layout; `timm`: `timm/deit_*.fb_in1k`). The sixteen DeiT III checkpoints (`deit3_*`
+for ImageNet-1k, `deit3_*.fb_in22k_ft_in1k` for 21k -> 1k) come from the Hub's timm layout only:
+their official file names carry no hash, so nothing could check a download of them. The Hub is
+reached through `huggingface_hub`, so `HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT` apply and
+its files stay in its own cache.
 
 Everything else lives in one folder, `$DEIT_HOME` (else `~/.cache/deit`):
 
     downloads/<file>             official checkpoints, written as `.part` and renamed once checked
     pretrained/<name>/<source>/  the converted exported folder (config.json + params.safetensors,
                                  with the registry's preprocessing): a second load reads only this
+
+Over 400 lines because the registry's tables (DeiT, DeiT III, the teacher) sit beside the
+download and cache code that reads them (about 100 of its lines are those tables).
 """
 
 from __future__ import annotations
@@ -53,11 +59,13 @@ class Weights:
 
     name: str
     file: str
-    top1: float
+    top1: float | None
     top5: float | None
     url_base: str = OFFICIAL_URL
     hub_tag: str = "fb_in1k"
-    """The timm Hub repository's tag: `timm/<name>.<hub_tag>`."""
+    """The timm Hub repository's tag: `timm/<variant>.<hub_tag>`."""
+    crop_pct: float | None = None
+    """The eval crop when it is not the variant's (`variants.ModelSpec.crop_pct`)."""
     preprocessing: Preprocessing | None = None
     """The weights' own evaluation preprocessing where the variant registry does not give it
     (the CNN teachers)."""
@@ -65,6 +73,21 @@ class Weights:
     @property
     def url(self) -> str:
         return self.url_base + self.file
+
+    @property
+    def variant(self) -> str:
+        """The registered network: the name without a timm tag (`deit3_base_patch16_224`)."""
+        return self.name.partition(".")[0]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the official file's name carries a hash prefix a download is checked by."""
+        return re.search(r"-([0-9a-f]{6,})\.", self.file) is not None
+
+    @property
+    def default_source(self) -> Source:
+        """The official file where its hash is known, else the Hub's timm copy."""
+        return "official" if self.pinned else "timm"
 
     @property
     def sha256_prefix(self) -> str:
@@ -80,7 +103,7 @@ class Weights:
 
     @property
     def timm_repo(self) -> str:
-        return f"timm/{self.name}.{self.hub_tag}"
+        return f"timm/{self.variant}.{self.hub_tag}"
 
 
 PRETRAINED: dict[str, Weights] = {
@@ -116,6 +139,45 @@ PRETRAINED: dict[str, Weights] = {
         ),
     )
 }
+
+
+def _deit3(
+    size: str, img: int, top1_1k: float | None, top1_21k: float | None
+) -> tuple[Weights, ...]:
+    """DeiT III's 1k and 21k -> 1k weights of one size (README_revenge.md's top-1; no top-5
+    published); timm's `pretrained_cfg` evaluates the 1k ones at crop 0.9 at 224 (the
+    variant's), the 21k ones at 1.0."""
+    patch = 14 if size == "huge" else 16
+    name = f"deit3_{size}_patch{patch}_{img}"
+    v1 = "_v1" if size == "huge" else ""  # the official name of the 21k huge file
+    return (
+        Weights(name, f"deit_3_{size}_{img}_1k.pth", top1_1k, None),
+        Weights(
+            f"{name}.fb_in22k_ft_in1k",
+            f"deit_3_{size}_{img}_21k{v1}.pth",
+            top1_21k,
+            None,
+            hub_tag="fb_in22k_ft_in1k",
+            crop_pct=1.0,
+        ),
+    )
+
+
+# The medium model is in timm and on the Hub but not in README_revenge.md: no official top-1.
+DEIT3_PRETRAINED: dict[str, Weights] = {
+    w.name: w
+    for w in (
+        *_deit3("small", 224, 81.4, 83.1),
+        *_deit3("small", 384, 83.4, 84.8),
+        *_deit3("medium", 224, None, None),
+        *_deit3("base", 224, 83.8, 85.7),
+        *_deit3("base", 384, 85.0, 86.7),
+        *_deit3("large", 224, 84.9, 87.0),
+        *_deit3("large", 384, 85.8, 87.7),
+        *_deit3("huge", 224, 85.2, 87.2),
+    )
+}
+PRETRAINED.update(DEIT3_PRETRAINED)
 
 
 # The paper's teacher (DeiT §5.2): timm's `regnety_160` as the DeiT authors trained it, 82.9%
@@ -276,15 +338,22 @@ def _hub_file(repo: str, names: tuple[str, ...]) -> Path:
     raise AssertionError("unreachable")
 
 
-def checkpoint_file(name: str, source: Source = "official") -> Path:
-    """The checkpoint file of `name` from `source`, downloaded once into the cache."""
+def checkpoint_file(name: str, source: Source | None = None) -> Path:
+    """The checkpoint file of `name` from `source` (None: `Weights.default_source`), downloaded
+    once into the cache."""
     w = weights(name)
+    source = source or w.default_source
+    if source == "official" and not w.pinned:
+        raise InputError(
+            f"{name}: the official {w.file} carries no hash, so its download cannot be checked; "
+            f"expected {name} or {name}@timm (the Hub's {w.timm_repo}, checked by the Hub)"
+        )
     if source == "official":
         target = downloads_dir() / w.file
         if target.is_file():
             return target
         return download(w.url, target, w.sha256_prefix)
-    if source == "hf" and name in TEACHER_WEIGHTS:
+    if source == "hf" and (name in TEACHER_WEIGHTS or not w.pinned):
         raise InputError(
             f"{name} has no Hugging Face transformers layout; expected {name} (the official "
             f"file) or {name}@timm ({w.timm_repo})"
@@ -296,9 +365,12 @@ def checkpoint_file(name: str, source: Source = "official") -> Path:
     raise InputError(f"source {source!r}; expected one of {', '.join(SOURCES)}")
 
 
-def pretrained_folder(name: str, source: Source = "official") -> Path:
-    """The exported model folder of the official weights `name`: converted once (the
-    registry's preprocessing written into its config.json) and read from the cache after."""
+def pretrained_folder(name: str, source: Source | None = None) -> Path:
+    """The exported model folder of the official weights `name` (from `source`, None: the
+    weights' default): converted once (the registry's preprocessing written into its
+    config.json) and read from the cache after."""
+    w = weights(name)
+    source = source or w.default_source
     folder = pretrained_dir() / name / source
     if (folder / export.CONFIG).is_file() and (folder / export.WEIGHTS).is_file():
         return folder
@@ -307,7 +379,9 @@ def pretrained_folder(name: str, source: Source = "official") -> Path:
     shutil.rmtree(part, ignore_errors=True)
     try:
         # A RegNet or ResNet name goes to deit.regnet_convert / deit.resnet_convert.
-        convert_checkpoint(ckpt, name, part, preprocessing=weights(name).preprocessing)
+        convert_checkpoint(
+            ckpt, w.variant, part, crop_pct=w.crop_pct, preprocessing=w.preprocessing
+        )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(part, folder)
     finally:
@@ -316,7 +390,7 @@ def pretrained_folder(name: str, source: Source = "official") -> Path:
     return folder
 
 
-def load_pretrained(name: str, source: Source = "official") -> tuple[Any, dict]:
+def load_pretrained(name: str, source: Source | None = None) -> tuple[Any, dict]:
     """`(model, variables)` of the official weights `name` (`deit.export.load_exported` of
     `pretrained_folder`); the folder's config.json also holds its preprocessing."""
     model, variables, _ = export.load_exported(pretrained_folder(name, source))
@@ -331,7 +405,7 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         return path
     name, _, source = str(path_or_name).partition("@")
     if name in PRETRAINED or name in TEACHER_WEIGHTS:
-        return pretrained_folder(name, source or "official")  # type: ignore[arg-type]
+        return pretrained_folder(name, source or None)  # type: ignore[arg-type]
     if str(path_or_name).startswith(("https://", "http://")):
         return url_folder(str(path_or_name))
     return path
@@ -394,7 +468,7 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> An
     and the heads start fresh for another `num_classes` (`model.adapt_params`)."""
     if not pretrained:
         return _create_model(name, **overrides)
-    model, variables = load_pretrained(resolve_name(name))
+    model, variables = load_pretrained(name if name in PRETRAINED else resolve_name(name))
     fields = {f.name for f in dataclasses.fields(DeiT)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -434,7 +508,7 @@ def url_folder(url: str, model_name: str | None = None) -> Path:
         raise InputError(f"{url} names no file; expected a URL ending in NAME-<hash>.pth")
     known = [w for w in (*PRETRAINED.values(), *TEACHER_WEIGHTS.values()) if w.file == file]
     found = re.search(r"-([0-9a-f]{6,})\.", file)
-    if known and known[0].url == url and model_name in (None, known[0].name):
+    if known and known[0].pinned and known[0].url == url and model_name in (None, known[0].name):
         return pretrained_folder(known[0].name)  # an official URL: the name's own cache entry
     target = downloads_dir() / file
     if not target.is_file():

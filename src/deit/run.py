@@ -27,7 +27,7 @@ from deit.signals import Interrupted, StopSignals
 from deit.teacher import TEACHERS, Teacher, check_teacher, create_teacher
 from deit.teacher_source import teacher_config
 from deit.train import fit
-from deit.variants import variant_at
+from deit.variants import ALIASES, VARIANTS, variant_at
 
 log = logging.getLogger("deit")
 
@@ -76,6 +76,22 @@ class Pretrained:
     path: str
 
 
+def check_student(cfg: TrainConfig, pretrained: Pretrained | None) -> None:
+    """Refuse, before any work, distillation into a DeiT III (`init_values` set): it has no
+    distillation token, and its paper trains it without a teacher (DeiT III §3)."""
+    if cfg.loss.distillation == "none":
+        return
+    if pretrained is not None:
+        student, name = pretrained.model, pretrained.path
+    else:
+        student, name = VARIANTS.get(ALIASES.get(cfg.model.name, cfg.model.name)), cfg.model.name
+    if student is not None and getattr(student, "init_values", None) is not None:
+        raise InputError(
+            f"distillation {cfg.loss.distillation!r} into {name}: a DeiT III student has no "
+            "distillation token; expected --distillation none, or a DeiT student"
+        )
+
+
 def train_and_evaluate(
     cfg: TrainConfig,
     *,
@@ -98,6 +114,7 @@ def train_and_evaluate(
     """
     cfg = configs.resolve_dtype(cfg, jax.default_backend())
     cfg = teacher_source.given(cfg)  # --teacher-model regnety_160 alone: its pretrained weights
+    check_student(cfg, pretrained)
     out = Path(cfg.output).absolute()
     if resume and not out.is_dir():
         checkpoint.check_resumable(out)  # said before the lock would create the folder
@@ -136,6 +153,7 @@ def _train_and_evaluate(
         num_classes=num_classes,
         img_size=cfg.data.img_size,
         drop_path_rate=cfg.model.drop_path_rate,
+        drop_path_schedule=cfg.model.drop_path_schedule,
         dtype=cfg.model.dtype,
         remat=cfg.model.remat,
     )

@@ -289,6 +289,7 @@ def plan(cfg: Any, out: Path, num_classes: int) -> str | None:
     if cfg.teacher.finetune is False:
         tune = "used as it is (teacher.finetune false)"
     if known is not None:
-        head = f"{spec} (pretrained, ImageNet-1k top-1 {known.top1})"
+        top1 = "" if known.top1 is None else f", ImageNet-1k top-1 {known.top1}"
+        head = f"{spec} (pretrained{top1})"
         return f"{head}, used as it is" if num_classes == 1000 else f"{head}, {tune}"
     return f"{spec}, {tune} if its classes are not the data's"

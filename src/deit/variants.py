@@ -4,6 +4,12 @@
 Sizes from the DeiT paper (Table 1) and timm's `deit.py`: Ti = 192 wide, 3 heads; S = 384, 6 heads;
 B = 768, 12 heads; all 12 blocks deep with MLP ratio 4 and 16×16 patches. The `test_*` variants
 are tiny models of the same family used by the test suite and the built-in data recipe.
+
+DeiT III (Touvron et al. 2022, "DeiT III: Revenge of the ViT"; official `models_v2.py`, timm's
+`deit3_*`): the same ViT with LayerScale in every block (`init_values`, timm's 1e-6), the position
+embedding over the patches only (`no_embed_class`), one class token and one head. Sizes from
+timm's `deit.py`: S 384/6, M 512/8, B 768/12 (12 blocks), L 1024/16 (24 blocks), H 1280/16 (32
+blocks, 14×14 patches).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ class ModelSpec:
     # The official README's numbers use crop 0.875 at 224; the 384 models are evaluated uncropped.
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    init_values: float | None = None
+    """DeiT III's LayerScale start value; None: no LayerScale (DeiT)."""
+    no_embed_class: bool = False
+    """DeiT III: the position embedding covers the patches only (timm's `no_embed_class`)."""
 
 
 def _family(prefix: str, d: int, heads: int, size: int = 224) -> dict[str, ModelSpec]:
@@ -51,6 +61,45 @@ def _family(prefix: str, d: int, heads: int, size: int = 224) -> dict[str, Model
         f"deit_{prefix}_distilled_patch16_{size}": dataclasses.replace(spec, distilled=True),
     }
 
+
+def _deit3(d: int, depth: int, heads: int, img: int, patch: int = 16) -> ModelSpec:
+    """timm's `deit3_{size}_patch{patch}_{img}`; its 1k weights' eval crop (timm's
+    `pretrained_cfg`: 0.9 at 224, 1.0 at 384; the 21k ones, 1.0, are `pretrained.Weights`')."""
+    return ModelSpec(
+        d,
+        depth,
+        heads,
+        4 * d,
+        patch_size=patch,
+        img_size=img,
+        crop_pct=0.9 if img == 224 else 1.0,
+        init_values=1e-6,
+        no_embed_class=True,
+    )
+
+
+DEIT3_VARIANTS: dict[str, ModelSpec] = {
+    "deit3_small_patch16_224": _deit3(384, 12, 6, 224),
+    "deit3_small_patch16_384": _deit3(384, 12, 6, 384),
+    "deit3_medium_patch16_224": _deit3(512, 12, 8, 224),
+    "deit3_base_patch16_224": _deit3(768, 12, 12, 224),
+    "deit3_base_patch16_384": _deit3(768, 12, 12, 384),
+    "deit3_large_patch16_224": _deit3(1024, 24, 16, 224),
+    "deit3_large_patch16_384": _deit3(1024, 24, 16, 384),
+    "deit3_huge_patch14_224": _deit3(1280, 32, 16, 224, patch=14),
+    # A tiny DeiT III for tests.
+    "deit3_test_patch4_32": ModelSpec(
+        32,
+        2,
+        2,
+        64,
+        patch_size=4,
+        img_size=32,
+        num_classes=10,
+        init_values=1e-6,
+        no_embed_class=True,
+    ),
+}
 
 VARIANTS: dict[str, ModelSpec] = {
     **_family("tiny", 192, 3),
@@ -72,6 +121,7 @@ VARIANTS: dict[str, ModelSpec] = {
     "deit_digits_distilled_patch8_32": ModelSpec(
         96, 4, 3, 384, patch_size=8, img_size=32, num_classes=10, distilled=True
     ),
+    **DEIT3_VARIANTS,
 }
 
 ALIASES: dict[str, str] = {
@@ -109,6 +159,7 @@ def variant_at(name: str | None, img_size: int) -> str:
     if spec is None:
         return name or "DeiT"
     keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "distilled")
+    keys += ("init_values", "no_embed_class")
     same = [
         n
         for n, s in VARIANTS.items()
