@@ -207,11 +207,12 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
 
 
 # `small`'s models -> their DeiT III counterparts (one class token, LayerScale, patch-only
-# position embedding; `variants.py`).
+# position embedding; `variants.py`). DeiT III has no Ti: images of 112 px and more take its S
+# (4x DeiT-Ti's work per image, so fewer epochs in the same budget).
 SMALL_DEIT3 = {
     TINY_MODEL: "deit3_digits_patch4_16",
     MINI_MODEL: "deit3_digits_patch8_32",
-    LARGE_MODEL: "deit3_tiny_patch16_224",
+    LARGE_MODEL: "deit3_small_patch16_224",
 }
 DEIT3_SMALL_LR = 1e-2  # LAMB's peak lr at batch 128 (docs/deit3.md), x sqrt(batch / 128)
 
@@ -226,8 +227,9 @@ def deit3_small(survey: DataSurvey = DIGITS) -> TrainConfig:
         deit train --recipe deit3-small --data /data/my_small_set
 
     - The DeiT III counterpart of `small`'s model (`SMALL_DEIT3`: no distillation token,
-      LayerScale 1e-6), uniform stochastic depth 0.05 (DeiT III S's), no teacher: the whole
-      budget trains the student.
+      LayerScale 1e-6; DeiT III S for images of 112 px and more, as there is no DeiT III Ti),
+      uniform stochastic depth 0.05 (DeiT III S's), no teacher: the whole budget trains the
+      student.
     - LAMB (gradient norm clipped at 1.0), weight decay 0.05, lr `DEIT3_SMALL_LR` x sqrt(batch /
       128), 2 warm-up epochs (small's).
     - Binary cross-entropy, no label smoothing; 3-Augment (colour jitter 0.3) instead of
