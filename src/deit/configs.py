@@ -116,7 +116,8 @@ class TrainConfig:
     recipe: str = "imagenet"
     """The recipe the defaults came from: digits (the default without a data folder), small (a
     folder of few or small images), imagenet (a larger folder), finetune (with finetune),
-    finetune-384, or DeiT III's deit3, deit3-ft, deit3-21k, deit3-21k-ft (sized from the model)."""
+    finetune-384, or DeiT III's deit3, deit3-ft, deit3-21k, deit3-21k-ft (sized from the model)
+    and deit3-small (small's counterpart)."""
     seed: int = 0
     """Seed of the init, the augmentation and the data order."""
     output: str = "runs/deit"
