@@ -64,6 +64,9 @@ ALIASES = [
     ("--output_dir", "/tmp/somewhere", ("output",), "/tmp/somewhere"),
     ("--img-size", "32", ("data", "img_size"), 32),
     ("--workers", "1", ("data", "workers"), 1),
+    ("--color-jitter", "0.4", ("data", "color_jitter"), 0.4),
+    ("--opt", "lamb", ("optim", "opt"), "lamb"),
+    ("--opt", "fusedlamb", ("optim", "opt"), "lamb"),  # apex's LAMB, the DeiT III commands'
 ]
 
 
@@ -87,6 +90,15 @@ def test_official_switches():
     assert parse("--recipe", "imagenet", "--no-repeated-aug").data.repeats == 1
     assert parse("--fsdp").parallel.fsdp is True
     assert parse("--remat").model.remat is True
+    # DeiT III's (README_revenge.md)
+    assert parse("--bce-loss", "--smoothing", "0").loss.bce is True
+    assert parse("--ThreeAugment").data.three_augment is True
+    assert parse("--ThreeAugment", "--src").data.src is True
+    # --unscale-lr: --lr is the peak lr itself; alone it leaves the recipe's lr
+    cfg = parse("--recipe", "imagenet", "--lr", "4e-3", "--unscale-lr")
+    assert cfg.optim.lr == 4e-3 and cfg.optim.base_lr == recipes.imagenet().optim.base_lr
+    assert parse("--unscale-lr", "--lr=1e-3").optim.lr == 1e-3
+    assert parse("--recipe", "imagenet", "--unscale-lr").optim == recipes.imagenet().optim
 
 
 def test_dotted_flags_reach_nested_fields():

@@ -21,6 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from deit.losses import (
     LossConfig,
+    binary_cross_entropy,
     cross_entropy,
     deit_loss,
     hard_distillation,
@@ -321,3 +322,38 @@ def test_soft_distillation_batchmean_equals_kl_div_batchmean(tau: float):
     assert float(ours) == pytest.approx(expected.item(), rel=1e-6)
     numel = soft_distillation(jnp.asarray(student), jnp.asarray(teacher), tau, "numel")
     assert float(ours) == pytest.approx(K * float(numel), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeiT III's binary cross-entropy (official `--bce-loss`)
+
+
+def test_binary_cross_entropy_hand_value():
+    # Mixed targets binarise to [[1, 1], [1, 0]]: each entry is -ln s(x) or -ln(1 - s(x)).
+    # s(0) = 1/2 and s(ln 3) = 3/4: three entries cost ln 2, the (1, ln 3) one ln 4/3.
+    targets = jnp.array([[0.3, 0.7], [1.0, 0.0]])
+    expected = (3 * math.log(2.0) + math.log(4.0 / 3.0)) / 4
+    assert float(binary_cross_entropy(LOGITS, targets)) == pytest.approx(expected, rel=1e-6)
+    # the weight of a mixed class does not matter, only that it is there
+    other = jnp.array([[0.9, 1e-3], [0.5, 0.0]])
+    assert float(binary_cross_entropy(LOGITS, other)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_binary_cross_entropy_equals_official_bce_on_binarised_targets():
+    # official engine.py: targets.gt(0.0) then torch.nn.BCEWithLogitsLoss() (mean over B * K)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype(np.float32) * 4
+    targets = np.where(rng.random((6, 5)) < 0.4, rng.random((6, 5)), 0.0).astype(np.float32)
+    t = torch.from_numpy(targets)
+    expected = torch.nn.BCEWithLogitsLoss()(torch.from_numpy(logits), t.gt(0.0).type(t.dtype))
+    got = binary_cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_deit_loss_bce_replaces_the_label_loss():
+    targets = jnp.array([[0.3, 0.7], [1.0, 0.0]])
+    loss, aux = deit_loss(LOGITS, None, targets, config=LossConfig(bce=True))
+    assert float(loss) == pytest.approx(float(binary_cross_entropy(LOGITS, targets)), rel=1e-6)
+    hard = LossConfig(distillation="hard", alpha=0.5, bce=True)
+    loss, aux = deit_loss(LOGITS, LOGITS, targets, TEACHER, config=hard)
+    assert float(aux["base_loss"]) == pytest.approx(float(binary_cross_entropy(LOGITS, targets)))

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from timm.optim import Lamb
 from timm.scheduler import CosineLRScheduler, create_scheduler
 
 from deit.optim import (
@@ -250,7 +251,7 @@ def test_ema_arithmetic() -> None:
     [
         ({"lr": -1e-3}, "lr -0.001"),
         ({"base_lr": 0.0}, "base_lr 0.0"),
-        ({"opt": "lamb"}, "opt 'lamb'"),
+        ({"opt": "lars"}, "opt 'lars'"),
         ({"weight_decay": -0.1}, "weight_decay -0.1"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"eps": 0.0}, "eps 0.0"),
@@ -263,3 +264,46 @@ def test_ema_arithmetic() -> None:
 def test_bad_config_raises(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OptimConfig(**kwargs)
+
+
+def test_lamb_equals_timm_lamb_with_its_parameter_groups() -> None:
+    # What `--opt fusedlamb` builds without apex: timm's Lamb, a decayed group of kernels and a
+    # group of 1-D parameters at weight decay 0, which it does not adapt (always_adapt False).
+    cfg = OptimConfig(
+        opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01
+    )
+    tx, _ = create_optimizer(cfg, 8, 10)
+    rng = np.random.default_rng(0)
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+        "norm": {"bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+    }
+    kernel = torch.nn.Parameter(torch.tensor(np.asarray(params["dense"]["kernel"])))
+    bias = torch.nn.Parameter(torch.tensor(np.asarray(params["norm"]["bias"])))
+    groups = [{"params": [kernel], "weight_decay": 0.05}, {"params": [bias], "weight_decay": 0.0}]
+    ref = Lamb(groups, lr=0.01, eps=1e-8, betas=(0.9, 0.999), max_grad_norm=None)
+    state = tx.init(params)
+    for _ in range(3):
+        grads = jax.tree_util.tree_map(
+            lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+        )
+        kernel.grad = torch.tensor(np.asarray(grads["dense"]["kernel"]))
+        bias.grad = torch.tensor(np.asarray(grads["norm"]["bias"]))
+        ref.step()
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params["dense"]["kernel"], kernel.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(params["norm"]["bias"], bias.detach().numpy(), rtol=1e-5)
+
+
+def test_lamb_on_decayed_leaves_is_optax_lamb() -> None:
+    cfg = OptimConfig(
+        opt="lamb", lr=0.01, weight_decay=0.05, warmup_epochs=0, epochs=1, min_lr=0.01
+    )
+    tx, _ = create_optimizer(cfg, 8, 10)
+    ref = optax.lamb(0.01, eps=1e-8, weight_decay=0.05)
+    params = {"dense": {"kernel": jnp.array([[1.0, -2.0], [3.0, 4.0]])}}
+    grads = {"dense": {"kernel": jnp.array([[0.5, 0.1], [-0.3, 0.2]])}}
+    ours, _ = tx.update(grads, tx.init(params), params)
+    theirs, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(ours["dense"]["kernel"], theirs["dense"]["kernel"], rtol=1e-6)

@@ -80,8 +80,32 @@ ALIASES: dict[str, str | tuple[str, str]] = {
     "--output_dir": "--output",
     "--output-dir": "--output",
     "--fsdp": "--parallel.fsdp",
+    # DeiT III's (README_revenge.md); `--unscale-lr` is `UNSCALE_LR`, `--opt fusedlamb` `VALUES`'
+    "--bce-loss": "--loss.bce",
+    "--ThreeAugment": "--data.three-augment",
+    "--src": "--data.src",
+    "--color-jitter": "--data.color-jitter",
     "--quiet": ("--progress", "none"),
 }
+
+# Official values that name one of this tree's: `--opt fusedlamb` (apex's LAMB) is `lamb`.
+VALUES: dict[str, dict[str, str]] = {"--optim.opt": {"fusedlamb": "lamb"}}
+# Official `--unscale-lr`: `--lr` is the peak lr itself, not a base lr scaled by batch / 512.
+UNSCALE_LR = ("--unscale-lr", "--unscale_lr")
+
+
+def _unscaled(argv: list[str]) -> list[str]:
+    """`argv` without `--unscale-lr`, and with it `--lr X` as `--optim.lr X` (the absolute lr);
+    without `--lr` it changes nothing (the recipe's lr is already what it states)."""
+    if not any(t in UNSCALE_LR for t in argv):
+        return argv
+    out = []
+    for token in argv:
+        if token in UNSCALE_LR:
+            continue
+        name, eq, value = token.partition("=")
+        out.append(("--optim.lr" + eq + value) if name == "--lr" else token)
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,7 +115,9 @@ class TrainCommand:
     Every setting is a dotted flag (`--optim.weight-decay 0.05`); the official main.py names
     work too (`--drop-path`, `--warmup-epochs`, `--smoothing`, `--reprob`, `--mixup`, `--aa`,
     `--model-ema-decay`, `--clip-grad`, `--distillation-type`, `--input-size`, `--data-path`,
-    `--output_dir`, ...; `--lr` is the official base lr, scaled by global batch / 512).
+    `--output_dir`, ...; `--lr` is the official base lr, scaled by global batch / 512, unless
+    `--unscale-lr`), and DeiT III's (`--bce-loss`, `--ThreeAugment`, `--src`, `--color-jitter`,
+    `--opt lamb` or `fusedlamb`, `--unscale-lr`).
     """
 
     settings: Annotated[TrainConfig, tyro.conf.arg(name="")] = field(default_factory=TrainConfig)
@@ -128,6 +154,8 @@ def _canonical(tokens: list[str]) -> list[str]:
         out.append(target or name.replace("_", "-"))
         if eq:
             out.append(value)
+    for i, token in enumerate(out[:-1]):  # official values: `--opt fusedlamb`
+        out[i + 1] = VALUES.get(token, {}).get(out[i + 1], out[i + 1])
     return out
 
 
@@ -189,12 +217,35 @@ def _recipe_name(tokens: list[str], file_values: dict[str, Any] | None) -> str:
     return _default_for_data(tokens)[0]
 
 
-def _base(name: str, tokens: list[str]) -> TrainConfig:
-    """The recipe `name`; `small` sized from the data given (`recipes.small`)."""
-    if name != "small":
+def _model_hint(tokens: list[str], file_values: dict[str, Any] | None) -> str | None:
+    """The model a sized recipe (DeiT III's) takes its constants from: `--model`, the config
+    file's `model.name`, else the `--finetune` checkpoint's variant (its config.json) or name."""
+    model = _value(tokens, "--model.name")
+    if model:
+        return model
+    given = (file_values or {}).get("model")
+    if isinstance(given, dict) and isinstance(given.get("name"), str):
+        return given["name"]
+    finetune = _value(tokens, "--finetune")
+    if not finetune:
+        return None
+    try:
+        variant = json.loads((Path(finetune) / "config.json").read_text()).get("variant")
+    except (OSError, ValueError, AttributeError):
+        variant = None
+    return variant if isinstance(variant, str) else finetune
+
+
+def _base(name: str, tokens: list[str], file_values: dict[str, Any] | None = None) -> TrainConfig:
+    """The recipe `name`; `small` sized from the data given (`recipes.small`), DeiT III's from
+    the model (`_model_hint`)."""
+    if name in recipes.SIZED:
+        return recipes.recipe(name, _model_hint(tokens, file_values))
+    if name not in ("small", "deit3-small"):
         return recipes.recipe(name)
     found = _survey(_value(tokens, "--data.dataset") or "digits")
-    return recipes.small(found) if found is not None else recipes.small()
+    sized = recipes.small if name == "small" else recipes.deit3_small
+    return sized(found) if found is not None else sized()
 
 
 def _size_text(found: data_survey.DataSurvey) -> str:
@@ -208,7 +259,7 @@ def _size_text(found: data_survey.DataSurvey) -> str:
 
 def recipe_reason(argv: list[str]) -> str:
     """Why `deit train ARGV` starts from the recipe it does (`_recipe_name`), for the header."""
-    tokens = _canonical(argv)
+    tokens = _canonical(_unscaled(argv))
     others = "--recipe " + "|".join(recipes.RECIPES)
     if _value(tokens, "--recipe"):
         return "given by --recipe"
@@ -277,6 +328,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, TrainCommand]:
     """The resolved tree and the launch flags of `deit train ARGV`; `ConfigError` on bad input.
 
     `--help` prints the help and raises SystemExit(0)."""
+    argv = _unscaled(argv)
     tokens = _canonical(argv)
     _check_repeats(argv, tokens)
     if "--model.name" in tokens and _value(tokens, "--finetune"):
@@ -286,7 +338,7 @@ def parse(argv: list[str]) -> tuple[TrainConfig, TrainCommand]:
     file = _value(tokens, "--config")
     values = configs.read_values(file) if file else None
     name = _recipe_name(tokens, values)
-    base = _base(name, tokens)
+    base = _base(name, tokens, values)
     output = _value(tokens, "--output") or base.output
     saved = Path(output) / "config.json"
     if "--resume" in tokens and saved.is_file():

@@ -115,8 +115,9 @@ class TrainConfig:
 
     recipe: str = "imagenet"
     """The recipe the defaults came from: digits (the default without a data folder), small (a
-    folder of few or small images), imagenet (a larger folder), finetune (with finetune) or
-    finetune-384."""
+    folder of few or small images), imagenet (a larger folder), finetune (with finetune),
+    finetune-384, or DeiT III's deit3, deit3-ft, deit3-21k, deit3-21k-ft (sized from the model)
+    and deit3-small (small's counterpart)."""
     seed: int = 0
     """Seed of the init, the augmentation and the data order."""
     output: str = "runs/deit"
@@ -155,6 +156,11 @@ class TrainConfig:
             raise InputError(f"batch_size {self.batch_size}; expected a positive number")
         if self.time_budget is not None:
             budget_lib.parse_duration(self.time_budget)
+        if self.loss.bce and self.mixup.label_smoothing > 0:
+            raise InputError(
+                f"loss.bce with mixup.label_smoothing {self.mixup.label_smoothing}; expected 0 "
+                "(binarised at > 0, every smoothed target is 1: DeiT III trains BCE unsmoothed)"
+            )
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} {getattr(self, name)}; expected 1 or more")

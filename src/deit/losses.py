@@ -1,4 +1,5 @@
-"""Training losses of DeiT (Touvron et al., 2021, §5): cross-entropy and distillation.
+"""Training losses of DeiT (Touvron et al., 2021, §5): cross-entropy and distillation; and DeiT
+III's binary cross-entropy (Touvron et al., 2022, §3: official `--bce-loss`).
 
 The objective is the official `losses.py` one, `(1 - alpha) * base + alpha * kd`: `base` is the
 cross-entropy of the class head against the (mixed, label-smoothed) targets and `kd` compares the
@@ -45,6 +46,10 @@ class LossConfig:
     """Temperature of soft distillation."""
     soft_reduction: Literal["numel", "batchmean"] = "numel"
     """Soft KL divided by the number of logits (the official code) or by the batch size."""
+    bce: bool = False
+    """The label loss is binary cross-entropy on the (mixed) targets binarised at > 0 (DeiT III,
+    official `--bce-loss`), instead of the soft-target cross-entropy; use it without label
+    smoothing, which would make every binarised target 1."""
 
     def __post_init__(self) -> None:
         if self.distillation not in DISTILLATION_KINDS:
@@ -83,6 +88,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     uniform = -jnp.mean(logp, axis=-1)
     return jnp.mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
+
+
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """DeiT III's label loss; `(B, K), (B, K) -> ()`: each class an independent sigmoid, the target
+    1 where the mixed target is above 0, else 0 (official `engine.py`: `targets.gt(0.0)` before
+    `torch.nn.BCEWithLogitsLoss()`), averaged over all `B * K` entries.
+
+    After mixup or cutmix both mixed classes are positives, whatever their weights. Per entry
+    `softplus(x) - y x`, the numerically stable form of `-y log s(x) - (1 - y) log(1 - s(x))`.
+    """
+    x = logits.astype(jnp.float32)
+    y = (targets > 0).astype(jnp.float32)
+    return jnp.mean(jax.nn.softplus(x) - y * x)
 
 
 def soft_distillation(
@@ -135,6 +153,8 @@ def deit_loss(
     targets (mixup/cutmix output with label smoothing folded in). The settings come either from
     the keyword arguments or from `config`, not both.
 
+    `base` is `soft_target_cross_entropy`, or `binary_cross_entropy` with `bce` (DeiT III).
+
     - `"none"`: `base = soft_target_cross_entropy(cls_logits, targets)`. If the model has a
       distillation head, *both* heads are trained on the targets and `base` is their mean. This
       deliberately departs from the official code, which leaves that head untrained while its
@@ -156,10 +176,11 @@ def deit_loss(
             f"{cls_logits.shape}"
         )
 
+    label_loss = binary_cross_entropy if config.bce else soft_target_cross_entropy
     if config.distillation == "none":
-        base = soft_target_cross_entropy(cls_logits, targets)
+        base = label_loss(cls_logits, targets)
         if dist_logits is not None:
-            base = 0.5 * (base + soft_target_cross_entropy(dist_logits, targets))
+            base = 0.5 * (base + label_loss(dist_logits, targets))
         zero = jnp.zeros((), jnp.float32)
         return base, {"loss": base, "base_loss": base, "kd_loss": zero}
 
@@ -169,7 +190,7 @@ def deit_loss(
         )
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     student = cls_logits if dist_logits is None else dist_logits
-    base = soft_target_cross_entropy(cls_logits, targets)
+    base = label_loss(cls_logits, targets)
     if config.distillation == "soft":
         kd = soft_distillation(student, teacher_logits, config.tau, config.soft_reduction)
     else:

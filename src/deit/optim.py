@@ -4,7 +4,7 @@ Defaults are the official `main.py` ones (DeiT §6, Table 9): AdamW with betas (
 eps 1e-8, weight decay 0.05; lr 5e-4 × global batch / 512; 5 warm-up epochs from 1e-6, then
 cosine to 1e-5 over 300 epochs; EMA of the weights with the constant decay 0.99996 (timm's
 `ModelEma` as `main.py` uses it). SGD (momentum 0.9) is the maintainers' recipe for transfer to
-small data sets.
+small data sets. LAMB (You et al., 2020) is DeiT III's optimiser (official `--opt fusedlamb`).
 
 The schedule is per optimiser step. The reference (timm's `CosineLRScheduler`, stepped once per
 epoch with `lr_scheduler.step(epoch)` *after* the epoch) holds the lr constant inside an epoch
@@ -28,14 +28,17 @@ from deit.errors import InputError
 REFERENCE_BATCH = 512  # the lr is quoted for this global batch (official `linear_scaled_lr`)
 # timm's `no_weight_decay()` for DeiT; the official code decays `dist_token`, timm does not.
 NO_WEIGHT_DECAY = ("cls_token", "dist_token", "pos_embed")
+OPTIMIZERS = ("adamw", "sgd", "lamb")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and lr schedule of one trained network (official `main.py` defaults)."""
 
-    opt: Literal["adamw", "sgd"] = "adamw"
-    """Optimiser: AdamW (the paper) or SGD with momentum (transfer to small data sets)."""
+    opt: Literal["adamw", "sgd", "lamb"] = "adamw"
+    """Optimiser: AdamW (the paper), SGD with momentum (transfer to small data sets) or LAMB
+    (DeiT III; official `--opt fusedlamb`, which also clips the gradient norm at 1.0: set
+    `clip_grad_norm` 1.0 as the deit3 recipe does)."""
     lr: float | None = None
     """Absolute peak lr; None: `base_lr * global batch / 512`."""
     base_lr: float = 5e-4
@@ -43,9 +46,9 @@ class OptimConfig:
     weight_decay: float = 0.05
     """Decoupled weight decay (AdamW) or L2 added to the gradient (SGD)."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW / LAMB betas."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW / LAMB epsilon."""
     momentum: float = 0.9
     """SGD momentum."""
     clip_grad_norm: float | None = None
@@ -60,8 +63,8 @@ class OptimConfig:
     """lr at the last step, the end of the cosine."""
 
     def __post_init__(self) -> None:
-        if self.opt not in ("adamw", "sgd"):
-            raise InputError(f"opt {self.opt!r}; expected 'adamw' or 'sgd'")
+        if self.opt not in OPTIMIZERS:
+            raise InputError(f"opt {self.opt!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not self.lr > 0:
             raise InputError(f"lr {self.lr}; expected a positive learning rate or None")
         if not self.base_lr > 0:
@@ -170,6 +173,12 @@ def create_optimizer(
     Order: optional global-norm clipping of the raw gradients (timm's `--clip-grad`), then AdamW
     with decoupled decay `p -= lr * wd * p` on masked leaves (torch's `AdamW`); for SGD, decay
     is added to the gradient before momentum, as torch's `SGD(weight_decay=...)` does.
+
+    LAMB is `optax.lamb`'s chain (Adam moments with bias correction, decoupled decay added to the
+    Adam step, the layer-wise trust ratio `||w|| / ||step||`, the lr) with the decay mask also
+    masking the trust ratio: apex's `FusedLAMB` and timm's `Lamb` (what `--opt fusedlamb` builds)
+    adapt only the parameter groups with weight decay (`use_nvlamb` / `always_adapt` False), so
+    biases, norms and tokens take the plain Adam step.
     """
     schedule = lr_schedule(cfg, global_batch, steps_per_epoch)
     parts: list[optax.GradientTransformation] = []
@@ -187,6 +196,14 @@ def create_optimizer(
                 mask=weight_decay_mask,
             )
         )
+    elif cfg.opt == "lamb":
+        b1, b2 = cfg.betas
+        parts += [
+            optax.scale_by_adam(b1=b1, b2=b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask),
+            optax.masked(optax.scale_by_trust_ratio(), weight_decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        ]
     else:
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask))
         parts.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=False))

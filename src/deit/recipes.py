@@ -17,6 +17,7 @@ from deit.data import DataConfig
 from deit.data.survey import DIGITS, SMALL_SIDE, DataSurvey
 from deit.losses import LossConfig
 from deit.optim import EmaConfig, OptimConfig
+from deit.recipes_deit3 import deit3, deit3_21k, deit3_21k_ft, deit3_ft
 from deit.variants import get_spec
 
 
@@ -205,6 +206,60 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
     )
 
 
+# `small`'s models -> their DeiT III counterparts (one class token, LayerScale, patch-only
+# position embedding; `variants.py`). DeiT III has no Ti: images of 112 px and more take its S
+# (4x DeiT-Ti's work per image, so fewer epochs in the same budget).
+SMALL_DEIT3 = {
+    TINY_MODEL: "deit3_digits_patch4_16",
+    MINI_MODEL: "deit3_digits_patch8_32",
+    LARGE_MODEL: "deit3_small_patch16_224",
+}
+DEIT3_SMALL_LR = 1e-2  # LAMB's peak lr at batch 128 (docs/deit3.md), x sqrt(batch / 128)
+
+
+def deit3_small(survey: DataSurvey = DIGITS) -> TrainConfig:
+    """`small`'s counterpart with DeiT III's recipe (`recipes_deit3.deit3`), for a folder of few
+    or small images or the built-in digits; the same budget (15 minutes), model size, image side,
+    batch, crops, flips and mixup/cutmix share as `small` picks from `survey`, and what DeiT III
+    changes:
+
+        deit train --recipe deit3-small                  # the built-in digits
+        deit train --recipe deit3-small --data /data/my_small_set
+
+    - The DeiT III counterpart of `small`'s model (`SMALL_DEIT3`: no distillation token,
+      LayerScale 1e-6; DeiT III S for images of 112 px and more, as there is no DeiT III Ti),
+      uniform stochastic depth 0.05 (DeiT III S's), no teacher: the whole budget trains the
+      student.
+    - LAMB (gradient norm clipped at 1.0), weight decay 0.05, lr `DEIT3_SMALL_LR` x sqrt(batch /
+      128), 2 warm-up epochs (small's).
+    - Binary cross-entropy, no label smoothing; 3-Augment (colour jitter 0.3) instead of
+      RandAugment; no erasing.
+
+    What it reached against `small` in the same budget: docs/deit3.md.
+    """
+    base = small(survey)
+    return replace(
+        base,
+        recipe="deit3-small",
+        output="runs/deit3-small",
+        model=ModelConfig(
+            name=SMALL_DEIT3[base.model.name], drop_path_rate=0.05, drop_path_schedule="uniform"
+        ),
+        loss=LossConfig(distillation="none", bce=True),
+        data=replace(base.data, randaugment=None, three_augment=True, color_jitter=0.3),
+        optim=OptimConfig(
+            opt="lamb",
+            lr=DEIT3_SMALL_LR * math.sqrt(base.batch_size / 128),
+            weight_decay=0.05,
+            clip_grad_norm=1.0,
+            warmup_epochs=2,
+            epochs=SMALL_EPOCHS[1],
+        ),
+        mixup=replace(base.mixup, label_smoothing=0.0),
+        erasing=ErasingConfig(prob=0.0),
+    )
+
+
 def finetune() -> TrainConfig:
     """Transfer of a pretrained model to a small data set (`deit train --finetune CKPT`): the
     maintainers' settings for CIFAR-10 and Stanford Cars (facebookresearch/deit issue #45). SGD
@@ -262,18 +317,28 @@ RECIPES = {
     "imagenet": imagenet,
     "finetune": finetune,
     "finetune-384": finetune_384,
+    "deit3": deit3,
+    "deit3-ft": deit3_ft,
+    "deit3-21k": deit3_21k,
+    "deit3-21k-ft": deit3_21k_ft,
+    "deit3-small": deit3_small,
 }
+# Recipes sized from the model they train (README_revenge.md's per-size constants).
+SIZED = ("deit3", "deit3-ft", "deit3-21k", "deit3-21k-ft")
 
 
-def recipe(name: str) -> TrainConfig:
+def recipe(name: str, model: str | None = None) -> TrainConfig:
+    """The recipe `name`; a DeiT III one (`SIZED`) with the constants of `model`'s size."""
     if name not in RECIPES:
         raise ConfigError(None, f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
-    return RECIPES[name]()
+    return RECIPES[name](model) if name in SIZED else RECIPES[name]()
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """`configs.from_dict` with `base` defaulting to the recipe named in `values` (else
     imagenet): a partial tree, or a run's config.json, filled in as that recipe would."""
     if base is None:
-        base = recipe(values.get("recipe", "imagenet"))
+        model = values.get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+        base = recipe(values.get("recipe", "imagenet"), name if isinstance(name, str) else None)
     return _from_dict(values, base)

@@ -113,7 +113,8 @@ def fit(
         mean=cfg.data.mean,
         std=cfg.data.std,
         mixup=cfg.mixup,
-        erasing=cfg.erasing,
+        # 3-Augment replaces random erasing as it does RandAugment (official `--ThreeAugment`)
+        erasing=replace(cfg.erasing, prob=0.0) if cfg.data.three_augment else cfg.erasing,
         loss=cfg.loss,
         ema=cfg.ema,
     )

@@ -121,6 +121,30 @@ VARIANTS: dict[str, ModelSpec] = {
     "deit_digits_distilled_patch8_32": ModelSpec(
         96, 4, 3, 384, patch_size=8, img_size=32, num_classes=10, distilled=True
     ),
+    # Their DeiT III counterparts (the `deit3-small` recipe): one class token, LayerScale, the
+    # position embedding over the patches only.
+    "deit3_digits_patch4_16": ModelSpec(
+        96,
+        4,
+        3,
+        384,
+        patch_size=4,
+        img_size=16,
+        num_classes=10,
+        init_values=1e-6,
+        no_embed_class=True,
+    ),
+    "deit3_digits_patch8_32": ModelSpec(
+        96,
+        4,
+        3,
+        384,
+        patch_size=8,
+        img_size=32,
+        num_classes=10,
+        init_values=1e-6,
+        no_embed_class=True,
+    ),
     **DEIT3_VARIANTS,
 }
 

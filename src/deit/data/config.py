@@ -56,6 +56,15 @@ class DataConfig:
     """Chance of a horizontal flip."""
     randaugment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment string (official `--aa`); None: no RandAugment."""
+    three_augment: bool = False
+    """DeiT III's 3-Augment (official `--ThreeAugment`, `data.three_augment`): the crop and flip,
+    then one of grayscale / solarize / Gaussian blur, then colour jitter. It replaces RandAugment
+    and random erasing: `randaugment` and `erasing` are not applied while it is on."""
+    src: bool = False
+    """3-Augment's "simple random crop" (official `--src`): resize the shorter side to img_size,
+    random crop with reflect padding 4, flip; instead of the random-resized crop."""
+    color_jitter: float = 0.3
+    """3-Augment's brightness / contrast / saturation jitter (official `--color-jitter`); 0: off."""
     decode_scaling: bool = True
     """Decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when its random-resized
     crop is at least that many times the training size: the same crops, faster on large photos;
@@ -124,6 +133,12 @@ class DataConfig:
             raise InputError(f"subset_repeats {self.subset_repeats}; expected 1 or more")
         if self.randaugment:
             RandAugment.from_string(self.randaugment)
+        if not self.color_jitter >= 0:
+            raise InputError(f"color_jitter {self.color_jitter}; expected a strength >= 0")
+        if self.src and not self.three_augment:
+            raise InputError("src (simple random crop) is 3-Augment's; expected three_augment")
+        if self.three_augment and self.decode == "gpu":
+            raise InputError("three_augment runs on the host; expected decode 'host', not 'gpu'")
 
     @property
     def num_workers(self) -> int:

@@ -45,6 +45,7 @@ from deit.data.sources import (
     is_synthetic,
     synthetic,
 )
+from deit.data.three_augment import three_augment
 
 # The old import paths of what moved to plan.py, batches.py and bad_images.py, for one release.
 __all__ = [
@@ -113,7 +114,9 @@ class _MakeBatch:
 
     @functools.cached_property
     def randaugment(self) -> RandAugment | None:
-        return RandAugment.from_string(self.cfg.randaugment) if self.cfg.randaugment else None
+        if self.cfg.three_augment or not self.cfg.randaugment:  # 3-Augment replaces it
+            return None
+        return RandAugment.from_string(self.cfg.randaugment)
 
     def _read(
         self, source: Any, i: int, load: Callable[[Any, int], np.ndarray] | None = None
@@ -154,6 +157,17 @@ class _MakeBatch:
         }
         size = self.cfg.img_size
         data = encoded(source, i)
+        if self.cfg.three_augment:
+            del kw["randaugment"]
+            return three_augment(
+                source.load(i) if data is None else data,
+                np.random.default_rng(seed),
+                size,
+                src=self.cfg.src,
+                color_jitter=self.cfg.color_jitter,
+                dct=self.cfg.decode_scaling,
+                **kw,
+            )
         if data is not None:
             rng = np.random.default_rng(seed)
             return train_transform_encoded(data, rng, size, dct=self.cfg.decode_scaling, **kw)
