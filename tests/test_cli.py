@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import deit
-from deit import cli, convert, data
+from deit import cli, cli_messages, convert, data
 from deit.class_names import imagenet_classes
 
 
@@ -180,7 +180,9 @@ def test_debug_shows_the_traceback_of_a_user_error(how, monkeypatch, capsys):
 
 
 def test_only_real_settings_become_flags():
-    msg = cli._user_message(ValueError("cannot read model.safetensors; lower optim.base_lr"))
+    msg = cli_messages.user_message(
+        ValueError("cannot read model.safetensors; lower optim.base_lr")
+    )
     assert msg == "cannot read model.safetensors; lower --optim.base-lr"
 
 

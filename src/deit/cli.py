@@ -10,26 +10,27 @@ visualize, info, data, cache) have a few flat flags each and no config tree behi
 flag whose value is optional (`--pretrained [NAME]`) and nested commands (`deit data check|pack`,
 `deit cache list|clear`) that argparse states in a line each; they use the standard library and
 start without importing tyro. One `main` routes both and maps every library error to the same
-one-line messages and exit codes.
+one-line messages and exit codes (`deit.cli_messages`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import re
 import shlex
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+from deit.cli_messages import (
+    USER_ERRORS,
+    library_messages,
+    report_no_space,
+    user_message,
+)
 from deit.errors import InputError, NoSpaceError
 
 
@@ -365,71 +366,6 @@ COMMANDS = {
 }
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (tests and notebooks swap it), with the
-    settings a message names shown as their flags."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return _as_flags(super().format(record))
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _library_messages() -> Iterator[None]:
-    """The library's `logging.getLogger("deit")` messages on stderr while a command runs."""
-    logger = logging.getLogger("deit")
-    handler, level, propagate = _StderrHandler(), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
-def _quiet_background_writers() -> None:
-    """After a full disk, Orbax's writer threads still fail on their own (asyncio's "exception
-    was never retrieved", "Event loop is closed" from threads): the same error, already named in
-    the one line the user gets, so their reports are dropped for the rest of the `deit`
-    process (it is about to exit); `--debug` keeps them."""
-    import threading
-
-    logging.getLogger("asyncio").disabled = True
-    threading.excepthook = lambda args: None
-    sys.excepthook = lambda *args: None  # what C++ threads' callbacks print through
-
-
-def _report_no_space(command: str, err: BaseException, quiet: bool) -> int:
-    """The full-disk line, exit 2. Orbax's writer threads may be printing their own failures
-    onto stderr meanwhile, so the line is one write that starts a line of its own, and with
-    `quiet` the threads' later reports are dropped (`_quiet_background_writers`)."""
-    if quiet:
-        _quiet_background_writers()
-    sys.stderr.write(f"\ndeit {command}: error: {_user_message(err)}\n")
-    sys.stderr.flush()
-    return 2
-
-
-# Input the user can fix: one line, exit 2. Anything else is a bug in deit: its traceback.
-USER_ERRORS = (
-    InputError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
-
-
 def main(argv: list[str] | None = None) -> int:
     program = argv is None  # the `deit` command itself, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -440,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "train" if args is None else args.command
     try:
-        with _library_messages():
+        with library_messages():
             code = cmd_train(argv[1:]) if args is None else COMMANDS[command](args)
     except BrokenPipeError:  # `deit ... | head`: the reader left; nothing more to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- Python flushes stdout at exit
@@ -461,14 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         if debug:
             traceback.print_exc()
-        print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
+        print(f"deit {command}: error: {user_message(err)}", file=sys.stderr)
         return 3
     except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
         if isinstance(err, NoSpaceError):
-            return _report_no_space(command, err, quiet=program and not debug)
-        print(f"deit {command}: error: {_user_message(err)}", file=sys.stderr)
+            return report_no_space(command, err, quiet=program and not debug)
+        print(f"deit {command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except Exception as err:
         from deit import diskspace
@@ -476,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, OSError) and diskspace.is_no_space(err):  # the machine's state
             if debug:
                 traceback.print_exc()
-            return _report_no_space(command, err, quiet=program and not debug)
+            return report_no_space(command, err, quiet=program and not debug)
         traceback.print_exc()
         print(
             f"deit {command}: internal error: this is a bug in deit, not in what you gave it; "
@@ -485,64 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return code or 0
-
-
-# A setting named in a library message (`optim.base_lr`) is shown as its flag (`--optim.base-lr`).
-_SETTING = re.compile(
-    r"(?<![\w./-])(?:model|data|mixup|erasing|loss|optim|ema|teacher|parallel)(?:\.[a-z_]+)+\b"
-)
-
-# The run's own settings (`TrainConfig`'s top level) that messages name.
-_TOP_SETTING = re.compile(
-    r"(?<![\w./-])(?:batch_size|log_every|checkpoint_every|keep_checkpoints)\b"
-)
-
-
-def _settings() -> set[str]:
-    """Every dotted path of the config tree (`optim.base_lr`, ...): what may become a flag."""
-    import dataclasses
-    import typing
-
-    from deit.configs import TrainConfig
-
-    out, todo = set(), [(TrainConfig, "")]
-    while todo:
-        cls, prefix = todo.pop()
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                todo.append((hints[f.name], f"{prefix}{f.name}."))
-            else:
-                out.add(prefix + f.name)
-    return out
-
-
-def _user_message(err: BaseException) -> str:
-    """The error in the CLI's terms: settings named by their flags."""
-    if getattr(err, "source", None):  # a config file's key: named as written in the file
-        return str(err)
-    key = getattr(err, "key", None)  # a configs.ConfigError: the setting's dotted path
-    if isinstance(key, str) and "." in key:
-        return f"--{key.replace('_', '-')} {err.message}"
-    if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.strerror):
-        return f"{err.strerror}: {err.filename}"
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return _as_flags(text)
-
-
-def _as_flags(text: str) -> str:
-    """A library message with the settings it names (`optim.base_lr`) as their flags."""
-    flag = lambda m: "--" + m[0].replace("_", "-") if m[0] in _settings() else m[0]
-    text = _SETTING.sub(flag, text)
-    text = _TOP_SETTING.sub(lambda m: "--" + m[0].replace("_", "-"), text)
-    for words, flags in (
-        ("resume it", "resume it (--resume)"),
-        ("resume the run", "resume the run (--resume)"),
-        ("another output folder", "another --output"),
-        ("without resume", "without --resume"),
-    ):
-        text = text.replace(words, flags)
-    return text
 
 
 if __name__ == "__main__":
