@@ -34,9 +34,13 @@ def test_28px_grey_3000_images_get_the_light_small_image_recipe():
     assert cfg.teacher.arch == "resnet8"
     assert cfg.teacher.optim.epochs == recipes.SMALL_TEACHER_EPOCHS
     d = cfg.data
-    assert d.scale == (0.6, 1.0) and d.randaugment == "rand-m3-mstd0.5-inc1"
+    assert d.scale == (0.6, 1.0) and d.randaugment is None
     assert d.hflip == 0.0 and d.crop_pct == 1.0 and d.repeats == 1
-    assert cfg.mixup.prob == 0.1 and cfg.erasing.prob == 0.0 and cfg.model.drop_path_rate == 0.0
+    assert cfg.mixup.prob == 0.0 and cfg.mixup.label_smoothing == 0.0
+    assert cfg.erasing.prob == 0.0 and cfg.model.drop_path_rate == 0.0
+    assert cfg.optim.weight_decay == recipes.SMALL_WEIGHT_DECAY
+    # The teacher keeps its own regularisation: only the student's is lightened.
+    assert cfg.teacher.optim.weight_decay == recipes.digits().teacher.optim.weight_decay
 
 
 def test_flips_only_for_colour():
@@ -49,6 +53,7 @@ def test_large_images_keep_deit_tiny_and_the_stronger_augmentation():
     assert cfg.model.name == "deit_tiny_distilled_patch16_224" and cfg.data.img_size == 192
     assert cfg.data.scale == (0.35, 1.0) and cfg.data.randaugment == "rand-m5-mstd0.5-inc1"
     assert cfg.data.crop_pct == 0.875 and cfg.model.drop_path_rate == 0.1
+    assert cfg.mixup == recipes.digits().mixup and cfg.optim.weight_decay == 0.05
 
 
 @pytest.mark.parametrize(

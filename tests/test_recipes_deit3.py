@@ -156,6 +156,8 @@ def test_deit3_small_is_small_with_deit3s_changes():
         small.batch_size, small.data.img_size, small.time_budget)  # fmt: skip
     assert d3.loss.bce and d3.loss.distillation == "none" and d3.optim.opt == "lamb"
     assert d3.data.three_augment and d3.data.randaugment is None and d3.erasing.prob == 0.0
+    # small's student dropped mixup/cutmix below 112 px; DeiT III keeps its 10% share.
+    assert small.mixup.prob == 0.0 and d3.mixup.prob == 0.1 and d3.mixup.label_smoothing == 0.0
 
 
 @pytest.mark.slow

@@ -10,6 +10,11 @@ The same module is DeiT III (Touvron et al. 2022, official `models_v2.py`, timm'
 `init_values` (a LayerScale on each residual branch, `layers.LayerScale`) and `no_embed_class`
 (the position embedding covers the patches only and is added before the class token is
 prepended), `distilled=False`; its recipe's stochastic depth is `drop_path_schedule="uniform"`.
+
+Over 400 lines, kept whole: the module, its input check, the position embedding's resampling
+(at creation, `resample_pos_embed`, and per call, `dynamic_img_size`) and the spec function
+`deit_forward` are one definition of the network; split, a change to the token layout would
+have to be made in several files at once.
 """
 
 from __future__ import annotations

@@ -97,6 +97,10 @@ SMALL_RATE = 600.0
 SMALL_EPOCHS = (10, 300)  # ceiling of the student's epochs: 10-300
 SMALL_TEACHER_EPOCHS = 150  # ceiling of the teacher's
 SMALL_MAX_BATCH = 128
+# The student below SMALL_SIDE px: no RandAugment, mixup/cutmix or label smoothing, and a lighter
+# weight decay. On a few thousand small images in minutes it is short of steps, not over-fitting
+# (docs/small_recipe.md), and the teacher's hard labels already regularise it.
+SMALL_WEIGHT_DECAY = 0.01
 TINY_MODEL, TINY_PATCH, TINY_SIDES = "deit_digits_distilled_patch4_16", 4, (16, 20)
 MINI_MODEL, MINI_PATCH, MINI_SIDES = "deit_digits_distilled_patch8_32", 8, (24, 64)
 LARGE_MODEL, LARGE_PATCH, LARGE_SIDES = "deit_tiny_distilled_patch16_224", 16, (112, 224)
@@ -135,23 +139,25 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
       levels off; the student the rest. A constant EMA decay with a window of about a tenth of
       the steps the budget buys.
     - Augmentation, light for small images (a few minutes of training on a few thousand images
-      underfits long before it overfits): crops of 60-100% of the area, RandAugment magnitude
-      3, mixup/cutmix on 10% of the batches, no random erasing, no stochastic depth, no
-      repeated augmentation; horizontal flips only for colour images (a grey folder is most
-      often characters or symbols, which a mirror changes); evaluation on the whole image
-      below 112 px.
+      underfits long before it overfits): below 112 px crops of 60-100% of the area and nothing
+      else for the student: no RandAugment, mixup/cutmix, label smoothing, random erasing or
+      stochastic depth, weight decay `SMALL_WEIGHT_DECAY` (0.01; the teacher's hard labels on
+      its crops regularise it); no repeated augmentation; horizontal flips only for colour
+      images (a grey folder is most often characters or symbols, which a mirror changes);
+      evaluation on the whole image below 112 px. From 112 px the digits recipe's RandAugment,
+      mixup/cutmix, erasing and weight decay 0.05.
 
-    Measured with `bench/small_suite.py` on one core of an AMD EPYC (`taskset -c 1`, 10m
-    budget; `bench/results/small_suite.md`, README "Your own folder"); fitted on digits28,
-    shapes40c held out; what was tried on the misses is in docs/small_recipe.md:
+    Measured with `bench/small_suite.py` at the default 15m budget, on one core of an AMD EPYC
+    per run, two sets side by side (`bench/results/small_suite.md`, README "Your own folder");
+    fitted on the other sets, shapes40c held out; what was tried: docs/small_recipe.md:
 
         set                    teacher  student (avg heads)  epochs t / s  time
-        digits16 (16 px grey)  99.3%    99.1%                47 / 174      9.9 min
-        digits28 (28 px grey)  99.7%    96.7%                24 / 38       9.8 min
-        textures64c (colour)   97.5%    96.8%                20 / 35       10.0 min
-        shapes28 (28 px grey)  98.5%    80.8%                17 / 45       9.9 min
-        shapes40c (held out)   94.8%    65.4%                24 / 29       9.5 min
-        digits48c (colour)     10.7%    10.4%  (both at chance: random tints)  9.9 min
+        digits16 (16 px grey)  99.4%    98.5%                55 / 231      14.3 min
+        digits28 (28 px grey)  99.5%    97.6%                25 / 72       14.9 min
+        shapes28 (28 px grey)  100.0%   95.1%                16 / 83       14.8 min
+        textures64c (colour)   98.3%    98.2%                37 / 54       14.6 min
+        digits48c (colour)     93.1%    79.7%                27 / 37       14.9 min
+        shapes40c (held out)   97.9%    83.8%                30 / 62       14.8 min
     """
     tiny = survey.side < SMALL_SIDE
     name, patch, (lo, hi) = (
@@ -176,7 +182,7 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
         dataset=survey.dataset,
         img_size=img,
         scale=(0.6, 1.0) if tiny else (0.35, 1.0),
-        randaugment="rand-m3-mstd0.5-inc1" if tiny else base.data.randaugment,
+        randaugment=None if tiny else base.data.randaugment,
         hflip=0.0 if survey.channels == 1 else 0.5,
         crop_pct=1.0 if tiny else 0.875,
         workers=0 if survey.dataset == "digits" else None,
@@ -190,9 +196,14 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
         model=ModelConfig(name=name, drop_path_rate=0.0 if tiny else 0.1),
         batch_size=batch,
         data=data,
-        optim=OptimConfig(lr=lr, warmup_epochs=2, epochs=SMALL_EPOCHS[1]),
+        optim=OptimConfig(
+            lr=lr,
+            warmup_epochs=2,
+            epochs=SMALL_EPOCHS[1],
+            weight_decay=SMALL_WEIGHT_DECAY if tiny else OptimConfig.weight_decay,
+        ),
         ema=EmaConfig(decay=min(0.9999, max(0.9, 1 - 10 / steps))),
-        mixup=replace(base.mixup, prob=0.1 if tiny else base.mixup.prob),
+        mixup=replace(base.mixup, prob=0.0, label_smoothing=0.0) if tiny else base.mixup,
         erasing=ErasingConfig(prob=0.0 if tiny else base.erasing.prob),
         teacher=replace(
             base.teacher,
@@ -255,7 +266,13 @@ def deit3_small(survey: DataSurvey = DIGITS) -> TrainConfig:
             warmup_epochs=2,
             epochs=SMALL_EPOCHS[1],
         ),
-        mixup=replace(base.mixup, label_smoothing=0.0),
+        # DeiT III's regularisation is its own (3-Augment, BCE), so it keeps the mixup/cutmix
+        # share that `small` had before its student dropped them: 10% of batches below 112 px.
+        mixup=replace(
+            digits().mixup,
+            prob=0.1 if base.data.img_size < SMALL_SIDE else digits().mixup.prob,
+            label_smoothing=0.0,
+        ),
         erasing=ErasingConfig(prob=0.0),
     )
 
