@@ -225,6 +225,7 @@ SMALL_DEIT3 = {
     MINI_MODEL: "deit3_digits_patch8_32",
     LARGE_MODEL: "deit3_small_patch16_224",
 }
+DEIT3_SMALL_MIXUP_PROB = 0.1  # share of mixed batches below 112 px
 DEIT3_SMALL_LR = 1e-2  # LAMB's peak lr at batch 128 (docs/deit3.md), x sqrt(batch / 128)
 
 
@@ -269,8 +270,8 @@ def deit3_small(survey: DataSurvey = DIGITS) -> TrainConfig:
         # DeiT III's regularisation is its own (3-Augment, BCE), so it keeps the mixup/cutmix
         # share that `small` had before its student dropped them: 10% of batches below 112 px.
         mixup=replace(
-            digits().mixup,
-            prob=0.1 if base.data.img_size < SMALL_SIDE else digits().mixup.prob,
+            base.mixup,
+            prob=DEIT3_SMALL_MIXUP_PROB if survey.side < SMALL_SIDE else base.mixup.prob,
             label_smoothing=0.0,
         ),
         erasing=ErasingConfig(prob=0.0),
