@@ -384,7 +384,9 @@ def main() -> None:
         rows = sorted(kept + rows, key=lambda r: list(SETS).index(r["set"]))
     (RESULTS / f"{args.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     text = (
-        f"`{meta['command']}` on {meta['cpu']}, {cores} core(s) (`taskset -c 1`); teacher: the "
+        f"`{meta['command']}` on {meta['cpu']}, {cores} core(s)"
+        + (" (`taskset -c 1`)" if cores == 1 else "")
+        + "; teacher: the "
         "ResNet-8 the run trains first (the suite's CNN reference); student: the distilled DeiT, "
         "averaged heads; budget: `--time-budget`; time: the whole `deit train`.\n\n" + table(rows)
     )

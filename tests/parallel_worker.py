@@ -23,7 +23,8 @@ def main() -> None:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     args = p.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    devices = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {devices}"
 
     import dataclasses
 
@@ -70,7 +71,10 @@ def main() -> None:
         from deit.teacher import Teacher, create_teacher
 
         net = create_teacher("resnet8", 10, small_input=True)
-        variables = net.init(jax.random.PRNGKey(7), jnp.zeros((1, 16, 16, 3)), train=False)
+        # Jitted: an eager init compiles each initializer per shape (~10 s of a run).
+        variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, 16, 16, 3)), train=False))(
+            jax.random.PRNGKey(7)
+        )
         teacher = Teacher.from_resnet(net, variables, base.data.mean, base.data.std, 16)
     fit(model, cfg, subset, val, teacher=teacher)
     sys.stdout.flush()

@@ -27,15 +27,23 @@ RUN += ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--checkpoint-ever
 RUN += ["--log-every", "5"]
 
 
+def xla_flags(devices: int | None) -> str:
+    """The test run's XLA_FLAGS (tests/conftest.py) with `devices` fake CPU devices (None: the
+    count left to the process)."""
+    device_count = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(device_count)]
+    return " ".join(kept + ([f"{device_count}={devices}"] if devices else []))
+
+
 def _env(cache: Path | None, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **extra)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), **extra)
+    # Every run, the uninterrupted reference included, shares the test run's compilation cache
+    # (tests/conftest.py), or `cache` where a test names one: a resumed run that traced another
+    # program (other shapes, shardings or donation) still compiles it anew, under another key,
+    # and its numbers still differ from the reference's.
     if cache is not None:
-        # Only to save compile time: the interrupted runs share compiled programs. The reference
-        # run compiles on its own, so a compilation that differed between processes still shows.
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    else:
-        env["DEIT_COMPILE_CACHE"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 
@@ -167,6 +175,7 @@ def reference(tmp_path_factory) -> Reference:
         ref.run.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax-cache")
+@pytest.fixture(scope="session")
+def compile_cache() -> Path:
+    """The test run's shared compilation cache (tests/conftest.py)."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])

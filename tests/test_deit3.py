@@ -19,7 +19,7 @@ import deit
 from deit import cli, convert, export, pretrained, run
 from deit.configs import LossConfig, ModelConfig, TrainConfig
 from deit.errors import InputError
-from deit.model import DeiT, adapt_params, drop_path_rates, forward_with_attention
+from deit.model import DeiT, adapt_params, drop_path_rates, forward_with_attention, param_count
 from deit.variants import DEIT3_VARIANTS
 from deit.visualize import attention_maps
 
@@ -29,7 +29,8 @@ timm = pytest.importorskip("timm")
 TINY = "deit3_test_patch4_32"
 TINY_TIMM = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 TINY_TIMM["num_classes"] = 10
-BIG = ("large", "huge")  # minutes on one core: slow
+BIG = ("large", "huge")  # slow
+BIG_DEPTH = 2
 TOL = 1e-5
 
 
@@ -63,13 +64,18 @@ def _case(name: str):
 @pytest.mark.parametrize("name", [_case(n) for n in DEIT3_VARIANTS])
 def test_logits_equal_timms(name):
     """One image per variant, fp32: our logits within 1e-5 of timm's (`pretrained=False`,
-    random weights converted). The torch model is freed before ours runs (huge: 2.5 GB each)."""
-    ref = timm_deit3(name)
+    random weights converted). The torch model is freed before ours runs. Large and huge run
+    at their full width, patch and size with `BIG_DEPTH` of their blocks (the blocks repeat;
+    all 24-32 of them cost minutes on one core); their whole architecture is checked against
+    timm's full model built on torch's meta device: blocks, tensors and parameters counted."""
+    big = any(b in name for b in BIG)
+    depth = {"depth": BIG_DEPTH} if big else {}
+    ref = timm_deit3(name, **depth)
     size = ref.patch_embed.img_size[0]
     xt, xj = images(size, batch=1)
     with torch.no_grad():
         want = ref(xt).numpy()
-    model = deit.create_model(name)
+    model = deit.create_model(name, **depth)
     params = convert.from_torch({k: v.numpy() for k, v in ref.state_dict().items()}, model)
     del ref
     got = logits(model, params, xj)
@@ -77,6 +83,14 @@ def test_logits_equal_timms(name):
     delta = float(np.abs(got - want).max())
     print(f"\nPARITY {name}: max |Δ logit| {delta:.2e} (logits up to {np.abs(want).max():.2f})")
     assert delta <= TOL
+    if big:
+        with torch.device("meta"):
+            full = timm.create_model(name, pretrained=False)
+        ours = deit.create_model(name)
+        shapes = jax.tree.leaves(jax.eval_shape(lambda: deit.init_params(ours)))
+        assert len(full.blocks) == ours.depth
+        assert len(shapes) == len(full.state_dict())
+        assert param_count(shapes) == sum(p.numel() for p in full.parameters())
 
 
 def test_architecture_and_both_layouts(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from runs import xla_flags
 
 from deit import export, parallel
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_worker(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(None))  # the worker sets its device count
     return subprocess.run(
         [sys.executable, str(WORKER), "--output", str(out), *args],
         capture_output=True,
@@ -102,7 +103,7 @@ def test_distillation_on_one_device_equals_four(tmp_path, soft_one_device, fsdp)
 def two_processes(out: Path, *extra: str) -> None:
     """`parallel_worker.py` as 2 processes x 2 devices on loopback, writing `out`."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(None))  # the worker sets its device count
     procs = [
         subprocess.Popen(
             [

@@ -158,6 +158,11 @@ def small(survey: DataSurvey = DIGITS) -> TrainConfig:
         textures64c (colour)   98.3%    98.2%                37 / 54       14.6 min
         digits48c (colour)     93.1%    79.7%                27 / 37       14.9 min
         shapes40c (held out)   97.9%    83.8%                30 / 62       14.8 min
+
+    On both cores, one run at a time (`bench/results/small_suite_2core.md`):
+
+        digits48c (colour)     95.2%    89.8%                30 / 61       14.9 min
+        shapes40c (held out)   98.9%    91.8%                31 / 109      14.2 min
     """
     tiny = survey.side < SMALL_SIDE
     name, patch, (lo, hi) = (
