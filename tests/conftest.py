@@ -17,8 +17,9 @@ os.environ.setdefault(
 # share one cache for the whole test run instead: every test process and every `deit train` it
 # starts loads a program another one compiled (the suite compiles the same tiny models many
 # times over). It is made by the first process (pytest's own, before it starts its workers) and
-# removed when that one ends. The uninterrupted reference runs of tests/runs.py compile on their
-# own, so a compilation that differed between processes still shows in their bit-for-bit checks.
+# removed when that one ends. The uninterrupted reference runs of tests/runs.py share it too: a
+# resumed run that traced another program compiles it under another key, so their bit-for-bit
+# checks still see it.
 os.environ.setdefault("DEIT_COMPILE_CACHE", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="deit-tests-jax-cache-")
